@@ -1,0 +1,185 @@
+//! The mount's life: mount, detach once the mount is live, serve until
+//! unmounted or signalled, then flush and leave no trace.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::{self, MountConfig};
+use crate::fuse::StrataFuse;
+use crate::layers::{LayerStack, XattrNamespace};
+use crate::sys;
+use crate::unionfs::{FsOptions, UnionFs};
+
+/// Mount and serve. Without `foreground`, returns in the caller's process
+/// (exit 0) as soon as the mount answers requests, while a detached child
+/// serves it.
+pub fn run(config: MountConfig) -> Result<(), String> {
+    for option in &config.ignored {
+        log::warn!("option {option} is accepted but not implemented; ignoring it");
+    }
+    let namespace = if sys::geteuid() == 0 { XattrNamespace::Trusted } else { XattrNamespace::User };
+    let stack = LayerStack::open(config.upper.as_deref(), &config.lowers, namespace)
+        .map_err(|err| format!("cannot open the layers: {err}"))?;
+    let options = FsOptions { fsync: config.fsync, static_nlink: config.static_nlink };
+    let fs = UnionFs::new(stack, config.work.as_deref(), options)
+        .map_err(|err| format!("cannot prepare work directory: {err}"))?;
+    let fs = Arc::new(fs);
+    log::info!(
+        "mounting {} lower layer(s){} at {} (whiteouts as {:?})",
+        config.lowers.len(),
+        if config.upper.is_some() { " and an upper" } else { ", read-only" },
+        config.mountpoint.display(),
+        fs.whiteout_style()
+    );
+
+    let adapter = StrataFuse { fs: fs.clone(), ttl: config.timeout, parallel: config.threads > 1 };
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = mount_options(&config, fs.is_read_only());
+    // As root, other users may use the mount (a container's processes are
+    // not root on the host); the kernel still checks permission bits.
+    fuse_config.acl = if config.allow_other || sys::geteuid() == 0 { SessionACL::All } else { SessionACL::Owner };
+    fuse_config.n_threads = Some(config.threads);
+    fuse_config.clone_fd = config.threads > 1;
+
+    // Signals are taken by a dedicated thread: block them before any
+    // thread starts so every event loop inherits the mask.
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals.thread_block().map_err(|err| format!("cannot block signals: {err}"))?;
+
+    let mut session = Session::new(adapter, &config.mountpoint, &fuse_config)
+        .map_err(|err| format!("cannot mount {}: {err}", config.mountpoint.display()))?;
+
+    if !config.foreground {
+        // The mount is live: the kernel queues requests until the child
+        // reads them. The parent leaves without unmounting (no destructors).
+        match sys::fork() {
+            Ok(0) => {
+                sys::setsid();
+                sys::detach_stdio();
+            }
+            Ok(_) => unsafe_exit_success(),
+            Err(err) => return Err(format!("cannot fork the daemon: {err}")),
+        }
+    }
+
+    let pid_file = write_pid_file(&config.mountpoint);
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = config.mountpoint.clone();
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            log::info!("{signal:?}: unmounting {}", mountpoint.display());
+            if let Err(err) = unmounter.unmount() {
+                log::warn!("unmount failed: {err}; detaching");
+                let _ = sys::umount(&mountpoint, true);
+            }
+        }
+    });
+    let result = session.run();
+    fs.sync();
+    if let Some(path) = pid_file {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map_err(|err| format!("serving the mount failed: {err}"))
+}
+
+fn unsafe_exit_success() -> ! {
+    // std::process::exit runs no destructors, so the session's unmount
+    // guard stays armed only in the child.
+    std::process::exit(0)
+}
+
+fn mount_options(config: &MountConfig, read_only: bool) -> Vec<MountOption> {
+    let mut options = vec![
+        MountOption::FSName("strata".to_string()),
+        // A mount as root drops fuser's Subtype; pass it raw.
+        MountOption::CUSTOM("subtype=strata".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    options.push(if config.suid { MountOption::Suid } else { MountOption::NoSuid });
+    options.push(if config.dev { MountOption::Dev } else { MountOption::NoDev });
+    if !config.exec {
+        options.push(MountOption::NoExec);
+    }
+    if read_only {
+        options.push(MountOption::RO);
+    }
+    options
+}
+
+/// Where the daemon of a mount records its pid: keyed by the mount's device
+/// number, which is unique while it is mounted.
+fn pid_dir() -> PathBuf {
+    if sys::geteuid() == 0 {
+        PathBuf::from("/run/strata")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("strata"))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/strata-{}", sys::geteuid())))
+    }
+}
+
+fn pid_file_for(mountpoint: &Path) -> Option<PathBuf> {
+    let mount =
+        config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
+    Some(pid_dir().join(format!("{}.pid", mount.device.replace(':', "-"))))
+}
+
+fn write_pid_file(mountpoint: &Path) -> Option<PathBuf> {
+    let path = pid_file_for(mountpoint)?;
+    std::fs::create_dir_all(path.parent()?).ok()?;
+    std::fs::write(&path, format!("{}\n", std::process::id())).ok()?;
+    Some(path)
+}
+
+/// `strata umount`: unmount and wait for the daemon to finish.
+pub fn unmount(mountpoint: &Path) -> Result<(), String> {
+    let mountpoint = std::fs::canonicalize(mountpoint).map_err(|err| format!("{}: {err}", mountpoint.display()))?;
+    let mount = config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint);
+    match &mount {
+        None => return Err(format!("{} is not mounted", mountpoint.display())),
+        Some(m) if m.fstype != "fuse.strata" => {
+            return Err(format!("{} is a {} mount, not a Strata mount", mountpoint.display(), m.fstype));
+        }
+        _ => {}
+    }
+    let daemon = pid_file_for(&mountpoint)
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| text.trim().parse::<i32>().ok());
+    if sys::geteuid() == 0 {
+        sys::umount(&mountpoint, false).map_err(|err| format!("cannot unmount {}: {err}", mountpoint.display()))?;
+    } else {
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mountpoint)
+            .status()
+            .map_err(|err| format!("cannot run fusermount3: {err}"))?;
+        if !status.success() {
+            return Err(format!("fusermount3 -u {} failed", mountpoint.display()));
+        }
+    }
+    if let Some(pid) = daemon {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if process_alive(pid) {
+            return Err(format!("unmounted, but daemon {pid} has not exited after 10 s"));
+        }
+    }
+    Ok(())
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}

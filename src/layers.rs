@@ -1,0 +1,424 @@
+//! The layer stack: an upper directory (optional, writable) over read-only
+//! lower directories, and the rules that merge them into one tree.
+//!
+//! This module answers "what does name N in this merged directory resolve to"
+//! and "what does this merged directory list", reading every whiteout and
+//! opaque dialect in use (kernel overlayfs, rootless overlayfs, OCI layer
+//! tarballs, fuse-overlayfs). It knows nothing about FUSE or inodes, so the
+//! daemon, `strata diff` and `strata whence` share it.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys::{self, Errno, Stat, SysResult, XattrTarget};
+
+/// Index of a layer in the stack; 0 is the upper when the stack has one.
+pub type LayerId = usize;
+
+/// Prefix of OCI whiteout files (`.wh.NAME` hides NAME in lower layers).
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// The OCI opaque marker file.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Which xattr namespace the overlay markers we write use: the kernel reads
+/// `trusted.overlay.*` by default and `user.overlay.*` with `userxattr`
+/// (rootless), because unprivileged processes cannot write `trusted.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrNamespace {
+    Trusted,
+    User,
+}
+
+impl XattrNamespace {
+    pub fn overlay(self, key: &str) -> OsString {
+        match self {
+            XattrNamespace::Trusted => format!("trusted.overlay.{key}").into(),
+            XattrNamespace::User => format!("user.overlay.{key}").into(),
+        }
+    }
+
+    /// Strata's own attribute (the origin inode number of a copied-up entry).
+    pub fn strata(self, key: &str) -> OsString {
+        match self {
+            XattrNamespace::Trusted => format!("trusted.strata.{key}").into(),
+            XattrNamespace::User => format!("user.strata.{key}").into(),
+        }
+    }
+}
+
+/// Whether an xattr name belongs to the overlay machinery and must never be
+/// shown through the mount, nor set through it.
+pub fn is_private_xattr(name: &OsStr) -> bool {
+    let name = name.as_bytes();
+    [&b"trusted.overlay."[..], b"user.overlay.", b"user.fuseoverlayfs.", b"trusted.strata.", b"user.strata."]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// Whether a name is a whiteout or opaque marker in the OCI dialect.
+pub fn is_whiteout_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WHITEOUT_PREFIX)
+}
+
+pub struct Layer {
+    pub path: PathBuf,
+    pub root: OwnedFd,
+    pub dev: u64,
+}
+
+/// A directory's copy in one layer: the layer and the path inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub layer: LayerId,
+    pub path: PathBuf,
+}
+
+/// What a name resolves to in a merged directory.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The stat of the visible (topmost) entry.
+    pub stat: Stat,
+    /// Where the visible entry lives.
+    pub top: Source,
+    /// For a directory: every copy that merges into it, topmost first
+    /// (starting with `top`). Empty for anything else.
+    pub dir_sources: Vec<Source>,
+    /// The inode number the entry keeps for the life of the layers.
+    pub ino: u64,
+}
+
+impl Resolved {
+    pub fn is_dir(&self) -> bool {
+        self.stat.st_mode & libc::S_IFMT == libc::S_IFDIR
+    }
+}
+
+/// What one layer holds under a name.
+enum Probe {
+    Missing,
+    Whiteout,
+    Entry { stat: Stat, opaque: bool, redirect: Option<Vec<u8>>, origin: Option<u64> },
+}
+
+/// One visible entry of a merged listing.
+#[derive(Clone, Debug)]
+pub struct ListEntry {
+    pub name: OsString,
+    /// A libc::DT_* value.
+    pub kind: u8,
+    pub ino: u64,
+    pub layer: LayerId,
+}
+
+pub struct LayerStack {
+    /// Topmost first; `layers[0]` is the upper when `has_upper`.
+    pub layers: Vec<Layer>,
+    pub has_upper: bool,
+    /// The namespace of the markers Strata writes (reads accept both).
+    pub namespace: XattrNamespace,
+    /// Distinct devices of the layers, for mixing them into inode numbers.
+    devices: Vec<u64>,
+}
+
+impl LayerStack {
+    /// Open the layers: `upper` (if any) above `lowers`, topmost lower first.
+    pub fn open(upper: Option<&Path>, lowers: &[PathBuf], namespace: XattrNamespace) -> SysResult<Self> {
+        let mut layers = Vec::new();
+        for path in upper.into_iter().chain(lowers.iter().map(PathBuf::as_path)) {
+            let root = std::fs::File::open(path).map_err(sys::io_errno)?;
+            let root: OwnedFd = root.into();
+            let dev = sys::fstat(root.as_fd())?.st_dev;
+            layers.push(Layer { path: path.to_owned(), root, dev });
+        }
+        let mut devices: Vec<u64> = Vec::new();
+        for layer in &layers {
+            if !devices.contains(&layer.dev) {
+                devices.push(layer.dev);
+            }
+        }
+        Ok(LayerStack { layers, has_upper: upper.is_some(), namespace, devices })
+    }
+
+    pub fn upper(&self) -> Option<LayerId> {
+        self.has_upper.then_some(0)
+    }
+
+    pub fn is_upper(&self, layer: LayerId) -> bool {
+        self.has_upper && layer == 0
+    }
+
+    /// A short name for a layer in messages: "upper" or "lower N" (1 = topmost).
+    pub fn layer_name(&self, layer: LayerId) -> String {
+        if self.is_upper(layer) {
+            "upper".to_string()
+        } else {
+            format!("lower {}", layer + 1 - usize::from(self.has_upper))
+        }
+    }
+
+    /// Inode numbers: the real ones when every layer shares one filesystem
+    /// (they are unique there, as with the kernel's overlayfs), otherwise the
+    /// filesystem's position in the high bits (the kernel's "xino" idea).
+    pub fn stable_ino(&self, layer: LayerId, ino: u64) -> u64 {
+        if self.devices.len() <= 1 {
+            return ino;
+        }
+        let index = self.devices.iter().position(|d| *d == self.layers[layer].dev).unwrap_or(0) as u64;
+        (index << 56) | (ino & ((1 << 56) - 1))
+    }
+
+    /// Open a directory of a layer (O_PATH unless `flags` says otherwise).
+    pub fn open_dir(&self, layer: LayerId, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+        sys::open_beneath(self.layers[layer].root.as_fd(), path, flags | libc::O_DIRECTORY)
+    }
+
+    /// The sources of the merged root: every layer's root down to the first
+    /// opaque one.
+    pub fn root_sources(&self) -> Vec<Source> {
+        let mut sources = Vec::new();
+        for layer in 0..self.layers.len() {
+            sources.push(Source { layer, path: PathBuf::new() });
+            let opaque = self
+                .open_dir(layer, Path::new(""), libc::O_PATH)
+                .map(|fd| self.dir_is_opaque_fd(fd.as_fd()))
+                .unwrap_or(false);
+            if opaque {
+                break;
+            }
+        }
+        sources
+    }
+
+    /// Resolve `name` in the merged directory made of `parent` (topmost first).
+    pub fn lookup(&self, parent: &[Source], name: &OsStr) -> SysResult<Option<Resolved>> {
+        let Some(first) = parent.first() else { return Ok(None) };
+        let mut found: Option<Resolved> = None;
+        // A redirect on a directory changes where layers below it are searched.
+        let mut redirected: Option<PathBuf> = None;
+        let mut lookup_name: OsString = name.to_owned();
+        for layer in first.layer..self.layers.len() {
+            let (dir_path, entry_name) = match &redirected {
+                Some(abs) => match (abs.parent(), abs.file_name()) {
+                    (Some(dir), Some(file)) => (dir.to_owned(), file.to_owned()),
+                    _ => break,
+                },
+                None => match parent.iter().find(|s| s.layer == layer) {
+                    Some(source) => (source.path.clone(), lookup_name.clone()),
+                    None => continue,
+                },
+            };
+            let probe = self.probe(layer, &dir_path, &entry_name)?;
+            match probe {
+                Probe::Missing => continue,
+                Probe::Whiteout => break,
+                Probe::Entry { stat, opaque, redirect, origin } => {
+                    let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    let source = Source { layer, path: dir_path.join(&entry_name) };
+                    match &mut found {
+                        None => {
+                            let ino = origin.unwrap_or_else(|| self.stable_ino(layer, stat.st_ino));
+                            found = Some(Resolved {
+                                stat,
+                                dir_sources: if is_dir { vec![source.clone()] } else { Vec::new() },
+                                top: source,
+                                ino,
+                            });
+                            if !is_dir {
+                                break;
+                            }
+                        }
+                        Some(dir) => {
+                            if !is_dir {
+                                break; // a non-directory below a directory ends the merge
+                            }
+                            dir.dir_sources.push(source);
+                        }
+                    }
+                    if opaque {
+                        break;
+                    }
+                    if let Some(target) = redirect {
+                        if target.first() == Some(&b'/') {
+                            let relative =
+                                Path::new(OsStr::from_bytes(&target)).strip_prefix("/").unwrap_or(Path::new(""));
+                            redirected = Some(relative.to_owned());
+                        } else if !target.contains(&b'/') {
+                            lookup_name = OsStr::from_bytes(&target).to_owned();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// What layer `layer` holds as `name` in its directory `dir_path`.
+    fn probe(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Probe> {
+        let dir = match self.open_dir(layer, dir_path, libc::O_PATH) {
+            Ok(dir) => dir,
+            // The directory is not in this layer, or a symlink stands where a
+            // directory should be: a symlink is never followed.
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => return Ok(Probe::Missing),
+            Err(err) => return Err(err),
+        };
+        let dir = dir.as_fd();
+        let stat = match sys::fstatat(dir, name) {
+            Ok(stat) => stat,
+            Err(Errno::ENOENT) => {
+                return Ok(if self.has_oci_whiteout(dir, name)? { Probe::Whiteout } else { Probe::Missing });
+            }
+            Err(err) => return Err(err),
+        };
+        if self.is_whiteout(dir, name, &stat)? {
+            return Ok(Probe::Whiteout);
+        }
+        let xattrs = XattrTarget::new(dir, name)?;
+        let origin = if self.is_upper(layer) { self.read_origin(&xattrs) } else { None };
+        if stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Ok(Probe::Entry { stat, opaque: false, redirect: None, origin });
+        }
+        let opaque = self.dir_is_opaque(dir, name, &xattrs)
+            // OCI: a whiteout beside a directory of the same layer hides the
+            // lower copies of it.
+            || self.has_oci_whiteout(dir, name)?;
+        let redirect = match xattrs.get_opt(&XattrNamespace::Trusted.overlay("redirect"))? {
+            Some(value) => Some(value),
+            None => xattrs.get_opt(&XattrNamespace::User.overlay("redirect"))?,
+        };
+        Ok(Probe::Entry { stat, opaque, redirect, origin })
+    }
+
+    fn read_origin(&self, xattrs: &XattrTarget<'_>) -> Option<u64> {
+        let value = xattrs.get_opt(&self.namespace.strata("origin")).ok().flatten()?;
+        Some(u64::from_le_bytes(value.try_into().ok()?))
+    }
+
+    fn has_oci_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<bool> {
+        let mut marker = WHITEOUT_PREFIX.to_vec();
+        marker.extend_from_slice(name.as_bytes());
+        if marker.len() > 255 {
+            return Ok(false);
+        }
+        sys::exists_at(dir, OsStr::from_bytes(&marker))
+    }
+
+    /// Whether an existing entry is a whiteout: a char device 0/0, or an
+    /// empty file with an overlay whiteout xattr inside a directory marked
+    /// opaque "x" (the kernel's xattr whiteouts).
+    fn is_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr, stat: &Stat) -> SysResult<bool> {
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFCHR => Ok(stat.st_rdev == 0),
+            libc::S_IFREG if stat.st_size == 0 => {
+                let dir_marks = XattrTarget::fd(dir);
+                let parent_x = [XattrNamespace::Trusted, XattrNamespace::User]
+                    .iter()
+                    .any(|ns| matches!(dir_marks.get_opt(&ns.overlay("opaque")), Ok(Some(v)) if v == b"x"));
+                if !parent_x {
+                    return Ok(false);
+                }
+                let file = XattrTarget::new(dir, name)?;
+                Ok([XattrNamespace::Trusted, XattrNamespace::User]
+                    .iter()
+                    .any(|ns| matches!(file.get_opt(&ns.overlay("whiteout")), Ok(Some(_)))))
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the directory `name` in `dir` is opaque in any dialect.
+    fn dir_is_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr, xattrs: &XattrTarget<'_>) -> bool {
+        if opaque_by_xattr(xattrs) {
+            return true;
+        }
+        let marker = Path::new(name).join(OPAQUE_MARKER);
+        sys::open_beneath(dir, &marker, libc::O_PATH).is_ok()
+    }
+
+    fn dir_is_opaque_fd(&self, dir: BorrowedFd<'_>) -> bool {
+        opaque_by_xattr(&XattrTarget::fd(dir)) || sys::exists_at(dir, OsStr::new(OPAQUE_MARKER)).unwrap_or(false)
+    }
+
+    /// The merged listing of a directory made of `sources` (topmost first):
+    /// names hidden by whiteouts and every marker are left out.
+    pub fn list(&self, sources: &[Source]) -> SysResult<Vec<ListEntry>> {
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut entries = Vec::new();
+        for source in sources {
+            let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                Err(err) => return Err(err),
+            };
+            let dir = sys::dup(fd.as_fd())?;
+            let raw = sys::read_dir(fd)?;
+            // Whiteouts of this layer hide names of the layers below only.
+            let mut hidden_below = Vec::new();
+            for entry in raw {
+                let name_bytes = entry.name.as_bytes();
+                if name_bytes.starts_with(WHITEOUT_PREFIX) {
+                    if entry.name != OPAQUE_MARKER {
+                        hidden_below.push(OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]).to_owned());
+                    }
+                    continue;
+                }
+                if seen.contains(&entry.name) {
+                    continue;
+                }
+                let mut kind = entry.kind;
+                let mut ino = entry.ino;
+                let needs_stat =
+                    matches!(kind, libc::DT_CHR | libc::DT_UNKNOWN | libc::DT_REG) || self.is_upper(source.layer);
+                if needs_stat {
+                    let stat = match sys::fstatat(dir.as_fd(), &entry.name) {
+                        Ok(stat) => stat,
+                        Err(Errno::ENOENT) => continue,
+                        Err(err) => return Err(err),
+                    };
+                    kind = dtype_of(stat.st_mode);
+                    let maybe_whiteout = kind == libc::DT_CHR || (kind == libc::DT_REG && stat.st_size == 0);
+                    if maybe_whiteout && self.is_whiteout(dir.as_fd(), &entry.name, &stat)? {
+                        seen.insert(entry.name);
+                        continue;
+                    }
+                    ino = stat.st_ino;
+                }
+                let mut stable = self.stable_ino(source.layer, ino);
+                if self.is_upper(source.layer) {
+                    if let Some(origin) = self.read_origin(&XattrTarget::new(dir.as_fd(), &entry.name)?) {
+                        stable = origin;
+                    }
+                }
+                seen.insert(entry.name.clone());
+                entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
+            }
+            seen.extend(hidden_below);
+        }
+        Ok(entries)
+    }
+}
+
+fn opaque_by_xattr(xattrs: &XattrTarget<'_>) -> bool {
+    let marks = [
+        XattrNamespace::Trusted.overlay("opaque"),
+        XattrNamespace::User.overlay("opaque"),
+        OsString::from("user.fuseoverlayfs.opaque"),
+    ];
+    marks.iter().any(|mark| matches!(xattrs.get_opt(mark), Ok(Some(v)) if v == b"y"))
+}
+
+/// The DT_* value for a st_mode.
+pub fn dtype_of(mode: u32) -> u8 {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => libc::DT_DIR,
+        libc::S_IFREG => libc::DT_REG,
+        libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        _ => libc::DT_UNKNOWN,
+    }
+}

@@ -1,0 +1,519 @@
+//! Safe wrappers around the raw Linux calls Strata needs.
+//!
+//! Every `unsafe` block of the project lives here. Each wrapper works relative
+//! to a directory file descriptor and never follows a symlink in the final
+//! component, because layer content is untrusted: a layer may hold a symlink
+//! to `/etc` where a directory is expected, and following it would escape the
+//! layer. Paths of more than one component go through [`open_beneath`], which
+//! refuses symlinks and `..` escapes in every component.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+pub use nix::errno::Errno;
+
+/// The result of a raw call: the value, or the errno the kernel gave.
+pub type SysResult<T> = Result<T, Errno>;
+
+pub type Stat = libc::stat;
+
+fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+fn check_size(ret: libc::ssize_t) -> SysResult<usize> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
+}
+
+/// A C string from a name or path; an interior NUL byte is EINVAL.
+pub fn cstr(name: &OsStr) -> SysResult<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// Open `path` (relative, possibly several components, "" for the directory
+/// itself) beneath `root`. No component may be a symlink and no `..` may
+/// leave `root`: this is the one place where a layer path is resolved.
+pub fn open_beneath(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
+    let c_path = cstr(path.as_os_str())?;
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    loop {
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                c_path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if ret >= 0 {
+            return Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) });
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => continue,
+            Errno::ENOSYS => return open_beneath_walk(root, path, flags),
+            err => return Err(err),
+        }
+    }
+}
+
+/// Fallback for kernels without openat2: walk one component at a time, each
+/// opened with O_NOFOLLOW, refusing `..`.
+fn open_beneath_walk(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    let components: Vec<&OsStr> = path.iter().filter(|c| *c != OsStr::new(".")).collect();
+    if components.iter().any(|c| *c == OsStr::new("..") || *c == OsStr::new("/")) {
+        return Err(Errno::EXDEV);
+    }
+    let mut current = openat(root, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    for (i, component) in components.iter().enumerate() {
+        let last = i + 1 == components.len();
+        let step_flags = if last { flags } else { libc::O_PATH | libc::O_DIRECTORY };
+        current = openat(current.as_fd(), component, step_flags, 0)?;
+    }
+    if components.is_empty() && flags != libc::O_PATH | libc::O_DIRECTORY {
+        current = openat(current.as_fd(), OsStr::new("."), flags, 0)?;
+    }
+    Ok(current)
+}
+
+/// openat with O_NOFOLLOW and O_CLOEXEC always added.
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> SysResult<OwnedFd> {
+    let c_name = cstr(name)?;
+    let fd = check(unsafe {
+        libc::openat(dir.as_raw_fd(), c_name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, mode as libc::c_uint)
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// lstat of `name` inside `dir`.
+pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Stat> {
+    let c_name = cstr(name)?;
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstatat(dir.as_raw_fd(), c_name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> SysResult<Stat> {
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// Whether `name` exists in `dir` (without following a symlink).
+pub fn exists_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<bool> {
+    match fstatat(dir, name) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), c_name.as_ptr(), mode) })?;
+    Ok(())
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), c_name.as_ptr(), mode, rdev) })?;
+    Ok(())
+}
+
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    let c_target = cstr(target)?;
+    let c_name = cstr(name)?;
+    check(unsafe { libc::symlinkat(c_target.as_ptr(), dir.as_raw_fd(), c_name.as_ptr()) })?;
+    Ok(())
+}
+
+pub fn linkat(old_dir: BorrowedFd<'_>, old_name: &OsStr, new_dir: BorrowedFd<'_>, new_name: &OsStr) -> SysResult<()> {
+    let c_old = cstr(old_name)?;
+    let c_new = cstr(new_name)?;
+    check(unsafe { libc::linkat(old_dir.as_raw_fd(), c_old.as_ptr(), new_dir.as_raw_fd(), c_new.as_ptr(), 0) })?;
+    Ok(())
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, remove_dir: bool) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c_name.as_ptr(), flags) })?;
+    Ok(())
+}
+
+pub fn renameat2(
+    old_dir: BorrowedFd<'_>,
+    old_name: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new_name: &OsStr,
+    flags: u32,
+) -> SysResult<()> {
+    let c_old = cstr(old_name)?;
+    let c_new = cstr(new_name)?;
+    check(unsafe { libc::renameat2(old_dir.as_raw_fd(), c_old.as_ptr(), new_dir.as_raw_fd(), c_new.as_ptr(), flags) })?;
+    Ok(())
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<OsString> {
+    let c_name = cstr(name)?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let len =
+        check_size(unsafe { libc::readlinkat(dir.as_raw_fd(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
+    buf.truncate(len);
+    Ok(OsString::from_vec(buf))
+}
+
+/// lchown of `name` in `dir`; `None` leaves that id unchanged.
+pub fn fchownat(dir: BorrowedFd<'_>, name: &OsStr, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), c_name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(())
+}
+
+/// chmod of the file an O_PATH (or any) descriptor refers to. chmod through
+/// /proc/self/fd acts on the descriptor's own inode, never on a symlink target
+/// looked up by name.
+pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    let path = proc_fd_path(fd.as_raw_fd(), None);
+    check(unsafe { libc::chmod(path.as_ptr(), mode) })?;
+    Ok(())
+}
+
+/// A time to set: a value, "now", or "leave it".
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Omit,
+    Now,
+    At(libc::timespec),
+}
+
+pub fn utimensat(dir: BorrowedFd<'_>, name: &OsStr, atime: SetTime, mtime: SetTime) -> SysResult<()> {
+    fn spec(t: SetTime) -> libc::timespec {
+        match t {
+            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            SetTime::At(ts) => ts,
+        }
+    }
+    let c_name = cstr(name)?;
+    let times = [spec(atime), spec(mtime)];
+    check(unsafe { libc::utimensat(dir.as_raw_fd(), c_name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(())
+}
+
+fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
+    let mut path = format!("/proc/self/fd/{fd}").into_bytes();
+    if let Some(name) = name {
+        path.push(b'/');
+        path.extend_from_slice(name.as_bytes());
+    }
+    // Neither part can hold a NUL: fd is a number and names were checked by cstr.
+    CString::new(path).unwrap_or_default()
+}
+
+/// Extended attributes of `name` in `dir`, without following a final symlink.
+/// The directory is reached through its /proc/self/fd magic link, which names
+/// the directory itself; `name` is one component and is not followed.
+pub struct XattrTarget<'a> {
+    path: CString,
+    _dir: BorrowedFd<'a>,
+}
+
+impl<'a> XattrTarget<'a> {
+    pub fn new(dir: BorrowedFd<'a>, name: &OsStr) -> SysResult<Self> {
+        cstr(name)?;
+        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), _dir: dir })
+    }
+
+    /// The target is the file the descriptor itself refers to.
+    pub fn fd(fd: BorrowedFd<'a>) -> Self {
+        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), _dir: fd }
+    }
+
+    pub fn get(&self, attr: &OsStr) -> SysResult<Vec<u8>> {
+        let c_attr = cstr(attr)?;
+        loop {
+            let size =
+                check_size(unsafe { libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), std::ptr::null_mut(), 0) })?;
+            let mut buf = vec![0u8; size];
+            match check_size(unsafe {
+                libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            }) {
+                Ok(len) => {
+                    buf.truncate(len);
+                    return Ok(buf);
+                }
+                Err(Errno::ERANGE) => continue, // grew between the two calls
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The value, or None when the attribute is absent (or xattrs are unsupported).
+    pub fn get_opt(&self, attr: &OsStr) -> SysResult<Option<Vec<u8>>> {
+        match self.get(attr) {
+            Ok(value) => Ok(Some(value)),
+            Err(Errno::ENODATA) | Err(Errno::EOPNOTSUPP) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    pub fn set(&self, attr: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+        let c_attr = cstr(attr)?;
+        check(unsafe {
+            libc::lsetxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        })?;
+        Ok(())
+    }
+
+    pub fn remove(&self, attr: &OsStr) -> SysResult<()> {
+        let c_attr = cstr(attr)?;
+        check(unsafe { libc::lremovexattr(self.path.as_ptr(), c_attr.as_ptr()) })?;
+        Ok(())
+    }
+
+    /// The names of all attributes.
+    pub fn list(&self) -> SysResult<Vec<OsString>> {
+        loop {
+            let size = match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), std::ptr::null_mut(), 0) }) {
+                Ok(size) => size,
+                Err(Errno::EOPNOTSUPP) => return Ok(Vec::new()),
+                Err(err) => return Err(err),
+            };
+            if size == 0 {
+                return Ok(Vec::new());
+            }
+            let mut buf = vec![0u8; size];
+            match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
+                Ok(len) => {
+                    buf.truncate(len);
+                    return Ok(buf
+                        .split(|b| *b == 0)
+                        .filter(|n| !n.is_empty())
+                        .map(|n| OsStr::from_bytes(n).to_owned())
+                        .collect());
+                }
+                Err(Errno::ERANGE) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    /// d_type: one of libc::DT_*; DT_UNKNOWN when the filesystem does not say.
+    pub kind: u8,
+}
+
+/// All entries of the directory `fd` (opened O_RDONLY|O_DIRECTORY), without
+/// "." and "..".
+pub fn read_dir(fd: OwnedFd) -> SysResult<Vec<DirEntry>> {
+    let dir = unsafe { libc::fdopendir(fd.as_raw_fd()) };
+    if dir.is_null() {
+        return Err(Errno::last());
+    }
+    // fdopendir took the descriptor; closedir below closes it.
+    std::mem::forget(fd);
+    let mut entries = Vec::new();
+    let result = loop {
+        Errno::clear();
+        let entry = unsafe { libc::readdir64(dir) };
+        if entry.is_null() {
+            let err = Errno::last_raw();
+            break if err == 0 { Ok(()) } else { Err(Errno::from_raw(err)) };
+        }
+        let entry = unsafe { &*entry };
+        let name = unsafe { CStr::from_ptr(entry.d_name.as_ptr()) }.to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        entries.push(DirEntry { name: OsStr::from_bytes(name).to_owned(), ino: entry.d_ino, kind: entry.d_type });
+    };
+    unsafe { libc::closedir(dir) };
+    result.map(|_| entries)
+}
+
+/// Copy `len` bytes of `src` to `dst` (both at offset 0), keeping holes.
+/// Tries a reflink first, then copy_file_range over each data extent.
+pub fn copy_file_data(src: &File, dst: &File, len: u64) -> SysResult<()> {
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let mut offset: i64 = 0;
+    let end = len as i64;
+    while offset < end {
+        let data = unsafe { libc::lseek(src.as_raw_fd(), offset, libc::SEEK_DATA) };
+        if data < 0 {
+            match Errno::last() {
+                Errno::ENXIO => break,                                     // only a hole remains
+                Errno::EINVAL => return copy_range(src, dst, offset, end), // no SEEK_DATA here
+                err => return Err(err),
+            }
+        }
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        copy_range(src, dst, data, hole)?;
+        offset = hole;
+    }
+    // Holes at the end are kept by giving the file its full length.
+    check(unsafe { libc::ftruncate(dst.as_raw_fd(), len as i64) })?;
+    Ok(())
+}
+
+fn copy_range(src: &File, dst: &File, start: i64, end: i64) -> SysResult<()> {
+    let mut off_in = start;
+    let mut off_out = start;
+    while off_in < end {
+        let chunk = (end - off_in).min(1 << 30) as usize;
+        let copied =
+            unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, chunk, 0) };
+        if copied < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL => {
+                    return copy_by_read(src, dst, off_in, end);
+                }
+                err => return Err(err),
+            }
+        }
+        if copied == 0 {
+            break; // the source is shorter than it claimed
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_read(src: &File, dst: &File, mut offset: i64, end: i64) -> SysResult<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while offset < end {
+        let want = ((end - offset) as usize).min(buf.len());
+        let got = src.read_at(&mut buf[..want], offset as u64).map_err(io_errno)?;
+        if got == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..got], offset as u64).map_err(io_errno)?;
+        offset += got as i64;
+    }
+    Ok(())
+}
+
+/// The errno inside an io::Error (EIO when it has none).
+pub fn io_errno(err: std::io::Error) -> Errno {
+    Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO))
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> SysResult<()> {
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) })?;
+    Ok(())
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> SysResult<()> {
+    check(unsafe { if data_only { libc::fdatasync(fd.as_raw_fd()) } else { libc::fsync(fd.as_raw_fd()) } })?;
+    Ok(())
+}
+
+pub fn syncfs(fd: BorrowedFd<'_>) -> SysResult<()> {
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) })?;
+    Ok(())
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> SysResult<()> {
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) })?;
+    Ok(())
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> SysResult<i64> {
+    let ret = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+    loop {
+        let ret = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as i64) };
+        match check_size(ret) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> SysResult<usize> {
+    loop {
+        let ret = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as i64) };
+        match check_size(ret) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> SysResult<libc::statvfs> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// Duplicate a descriptor (for handing an fd to a second owner).
+pub fn dup(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    fd.try_clone_to_owned().map_err(io_errno)
+}
+
+pub fn geteuid() -> u32 {
+    unsafe { libc::geteuid() }
+}
+
+/// makedev for the whiteout check and device nodes.
+pub fn major_minor(rdev: u64) -> (u32, u32) {
+    (libc::major(rdev), libc::minor(rdev))
+}
+
+/// Unmount `path` (lazily when `detach`).
+pub fn umount(path: &Path, detach: bool) -> SysResult<()> {
+    let c_path = cstr(path.as_os_str())?;
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
+    check(unsafe { libc::umount2(c_path.as_ptr(), flags) })?;
+    Ok(())
+}
+
+/// Detach from the terminal and the caller's session (daemon child side).
+pub fn setsid() {
+    unsafe { libc::setsid() };
+}
+
+/// Fork; returns the child's pid in the parent and 0 in the child.
+/// Only called while the process has a single thread.
+pub fn fork() -> SysResult<libc::pid_t> {
+    let pid = unsafe { libc::fork() };
+    if pid < 0 { Err(Errno::last()) } else { Ok(pid) }
+}
+
+/// Point stdin, stdout and stderr at /dev/null.
+pub fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for target in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), target) };
+        }
+    }
+}
+
+/// Whether the process may create device nodes (needed for char 0/0 whiteouts).
+pub fn can_mknod_whiteout(dir: BorrowedFd<'_>) -> bool {
+    let probe = OsStr::new(".strata-whiteout-probe");
+    let _ = unlinkat(dir, probe, false);
+    let ok = mknodat(dir, probe, libc::S_IFCHR | 0o600, 0).is_ok();
+    let _ = unlinkat(dir, probe, false);
+    ok
+}

@@ -1,0 +1,1113 @@
+//! The union filesystem core: every operation of the mount, in plain Rust
+//! over the layer stack and the inode table, answering with an errno.
+//!
+//! Nothing here knows FUSE; `fuse.rs` translates. The rules that keep it
+//! simple:
+//! - locks guard maps and are never held across I/O;
+//! - the upper layer is only changed by building the new entry in the work
+//!   directory and renaming it into place, so a crash at any moment leaves
+//!   either the old or the new state visible, never half of one;
+//! - every path is resolved beneath a layer root without following symlinks.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::inodes::{InodeTable, Node, ROOT};
+use crate::layers::{self, LayerStack, Source, XattrNamespace};
+use crate::sys::{self, Errno, SetTime, Stat, SysResult, XattrTarget};
+
+/// Who asks: the credentials of the calling process.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How whiteouts are written to the upper layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhiteoutStyle {
+    /// Character device 0/0 (the kernel's format; needs CAP_MKNOD).
+    Device,
+    /// An empty file with an `overlay.whiteout` xattr, in a directory whose
+    /// `overlay.opaque` is "x" (the kernel's format with `userxattr`).
+    Xattr,
+}
+
+/// Behaviour switches from the mount options.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// fsync copied-up data and honour fsync calls (`fsync=0`/`volatile` turn it off).
+    pub fsync: bool,
+    /// Report st_nlink 1 for every directory (`static_nlink`).
+    pub static_nlink: bool,
+}
+
+/// A looked-up entry: its inode number and attributes.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub ino: u64,
+    pub stat: Stat,
+}
+
+/// Attribute changes requested by setattr.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// One entry of a directory snapshot taken at opendir.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    pub ino: u64,
+    pub kind: u8,
+    pub name: OsString,
+}
+
+struct OpenFile {
+    file: File,
+}
+
+struct OpenDir {
+    items: Vec<DirItem>,
+}
+
+/// The scratch directory kept inside the work directory, as the kernel does.
+const WORK_SUBDIR: &str = "work";
+/// Hard-linked lower files that were copied up, by inode number, so their
+/// other names keep sharing the copy.
+const INDEX_SUBDIR: &str = "strata-index";
+
+pub struct UnionFs {
+    pub stack: LayerStack,
+    options: FsOptions,
+    whiteouts: WhiteoutStyle,
+    /// `WORK/work`, on the upper's filesystem; None for a read-only mount.
+    work: Option<OwnedFd>,
+    index: Option<OwnedFd>,
+    table: Mutex<InodeTable>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_handle: AtomicU64,
+    next_temp: AtomicU64,
+    /// Copy-ups of one inode are serialised; different inodes copy in parallel.
+    copy_locks: Vec<Mutex<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere never leaves these maps half-updated (updates are
+    // single statements), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn kind_of(stat: &Stat) -> u32 {
+    stat.st_mode & libc::S_IFMT
+}
+
+impl UnionFs {
+    /// Build the filesystem over an opened layer stack. `work_dir` is the
+    /// user's work directory (required when the stack has an upper).
+    pub fn new(stack: LayerStack, work_dir: Option<&Path>, options: FsOptions) -> SysResult<Self> {
+        let (work, index, whiteouts) = match work_dir {
+            Some(dir) => {
+                let dir_fd: OwnedFd = File::open(dir).map_err(sys::io_errno)?.into();
+                let work = prepare_scratch(dir_fd.as_fd(), WORK_SUBDIR, true)?;
+                let index = prepare_scratch(dir_fd.as_fd(), INDEX_SUBDIR, false)?;
+                let style =
+                    if sys::can_mknod_whiteout(work.as_fd()) { WhiteoutStyle::Device } else { WhiteoutStyle::Xattr };
+                (Some(work), Some(index), style)
+            }
+            None => (None, None, WhiteoutStyle::Device),
+        };
+        let root_sources = stack.root_sources();
+        let root = Node {
+            names: Vec::new(),
+            kind: libc::S_IFDIR,
+            in_upper: stack.has_upper,
+            lowers: root_sources.into_iter().filter(|s| !stack.is_upper(s.layer)).collect(),
+            indexed: false,
+            lower_nlink: 0,
+            lookups: 1,
+        };
+        Ok(UnionFs {
+            stack,
+            options,
+            whiteouts,
+            work,
+            index,
+            table: Mutex::new(InodeTable::new(root)),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            next_temp: AtomicU64::new(1),
+            copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        !self.stack.has_upper
+    }
+
+    pub fn whiteout_style(&self) -> WhiteoutStyle {
+        self.whiteouts
+    }
+
+    pub fn cached_inodes(&self) -> usize {
+        lock(&self.table).len()
+    }
+
+    fn writable(&self) -> SysResult<()> {
+        if self.is_read_only() { Err(Errno::EROFS) } else { Ok(()) }
+    }
+
+    fn work(&self) -> SysResult<&OwnedFd> {
+        self.work.as_ref().ok_or(Errno::EROFS)
+    }
+
+    fn temp_name(&self) -> OsString {
+        format!("#strata-{}-{}", std::process::id(), self.next_temp.fetch_add(1, Ordering::Relaxed)).into()
+    }
+
+    // ----- locating nodes -------------------------------------------------
+
+    /// The directory sources of a directory node, topmost first.
+    fn dir_sources(&self, ino: u64) -> SysResult<Vec<Source>> {
+        let table = lock(&self.table);
+        let node = table.get(ino)?;
+        if !node.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut sources = Vec::with_capacity(node.lowers.len() + 1);
+        if node.in_upper {
+            sources.push(Source { layer: 0, path: table.path(ino)? });
+        }
+        sources.extend(node.lowers.iter().cloned());
+        Ok(sources)
+    }
+
+    /// Where the node's visible copy is: a layer and a path in it.
+    fn location(&self, ino: u64) -> SysResult<Location> {
+        let table = lock(&self.table);
+        let node = table.get(ino)?;
+        if node.in_upper {
+            Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
+        } else if node.indexed {
+            Ok(Location::Index(ino))
+        } else {
+            node.lowers.first().cloned().map(Location::Layer).ok_or(Errno::ENOENT)
+        }
+    }
+
+    fn upper_path(&self, ino: u64) -> SysResult<PathBuf> {
+        lock(&self.table).path(ino)
+    }
+
+    /// An O_PATH descriptor of the node's directory in the upper layer.
+    fn upper_dir(&self, ino: u64) -> SysResult<OwnedFd> {
+        let path = self.upper_path(ino)?;
+        self.stack.open_dir(0, &path, libc::O_PATH)
+    }
+
+    /// The parent directory (O_PATH) and name through which a node's
+    /// visible copy is reached.
+    fn parent_and_name(&self, location: &Location) -> SysResult<(OwnedFd, OsString)> {
+        match location {
+            Location::Layer(source) => {
+                let name = source.path.file_name().map(OsStr::to_owned).unwrap_or_else(|| ".".into());
+                let parent = source.path.parent().unwrap_or(Path::new(""));
+                Ok((self.stack.open_dir(source.layer, parent, libc::O_PATH)?, name))
+            }
+            Location::Index(ino) => {
+                let index = self.index.as_ref().ok_or(Errno::ENOENT)?;
+                Ok((sys::dup(index.as_fd())?, index_name(*ino)))
+            }
+        }
+    }
+
+    fn open_location(&self, location: &Location, flags: i32) -> SysResult<File> {
+        let fd = match location {
+            Location::Layer(source) => {
+                sys::open_beneath(self.stack.layers[source.layer].root.as_fd(), &source.path, flags)?
+            }
+            Location::Index(ino) => {
+                let index = self.index.as_ref().ok_or(Errno::ENOENT)?;
+                sys::openat(index.as_fd(), &index_name(*ino), flags, 0)?
+            }
+        };
+        Ok(File::from(fd))
+    }
+
+    fn stat_location(&self, location: &Location) -> SysResult<Stat> {
+        let (dir, name) = self.parent_and_name(location)?;
+        sys::fstatat(dir.as_fd(), &name)
+    }
+
+    /// The attributes the mount shows for a node, from the stat of its copy.
+    fn present(&self, ino: u64, mut stat: Stat) -> Stat {
+        stat.st_ino = ino;
+        if let Ok(node) = lock(&self.table).get(ino) {
+            if node.is_dir() && (self.options.static_nlink || node.is_merged_dir()) {
+                // The kernel's overlayfs reports 1 for merged directories:
+                // their true link count is unknown, and 1 tells find(1) so.
+                stat.st_nlink = 1;
+            } else if node.indexed && node.in_upper {
+                stat.st_nlink = (stat.st_nlink.saturating_sub(1)).max(node.lower_nlink);
+            } else if node.indexed {
+                stat.st_nlink = node.lower_nlink.max(stat.st_nlink.saturating_sub(1));
+            }
+        }
+        if ino == ROOT {
+            stat.st_ino = ROOT;
+        }
+        stat
+    }
+
+    // ----- lookup and attributes ------------------------------------------
+
+    /// Resolve `name` in `parent` without recording it.
+    fn resolve(&self, parent: u64, name: &OsStr) -> SysResult<Option<layers::Resolved>> {
+        if layers::is_whiteout_name(name) {
+            return Ok(None);
+        }
+        let sources = self.dir_sources(parent)?;
+        self.stack.lookup(&sources, name)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
+        let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
+        Ok(self.remember(parent, name, resolved))
+    }
+
+    fn remember(&self, parent: u64, name: &OsStr, resolved: layers::Resolved) -> Entry {
+        let in_upper = self.stack.is_upper(resolved.top.layer);
+        let is_dir = resolved.is_dir();
+        let lowers: Vec<Source> = if is_dir {
+            resolved.dir_sources.iter().filter(|s| !self.stack.is_upper(s.layer)).cloned().collect()
+        } else if in_upper {
+            Vec::new()
+        } else {
+            vec![resolved.top.clone()]
+        };
+        let mut stat = resolved.stat;
+        let mut indexed = false;
+        let lower_nlink = if in_upper { 0 } else { stat.st_nlink };
+        if !in_upper && kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
+            // Another name of this hard link was copied up earlier: serve
+            // the shared copy.
+            if let Some(index) = &self.index {
+                if let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino)) {
+                    stat = copy;
+                    indexed = true;
+                }
+            }
+        }
+        let node = Node {
+            names: vec![(parent, name.to_owned())],
+            kind: kind_of(&resolved.stat),
+            in_upper,
+            lowers,
+            indexed,
+            lower_nlink,
+            lookups: 0,
+        };
+        lock(&self.table).remember(resolved.ino, node);
+        Entry { ino: resolved.ino, stat: self.present(resolved.ino, stat) }
+    }
+
+    pub fn forget(&self, ino: u64, count: u64) {
+        lock(&self.table).forget(ino, count);
+    }
+
+    pub fn getattr(&self, ino: u64, handle: Option<u64>) -> SysResult<Stat> {
+        if let Some(file) = handle.and_then(|h| lock(&self.files).get(&h).cloned()) {
+            return Ok(self.present(ino, sys::fstat(file.file.as_fd())?));
+        }
+        let location = self.location(ino)?;
+        let stat = if ino == ROOT {
+            let fd = self.open_location(&location, libc::O_PATH)?;
+            sys::fstat(fd.as_fd())?
+        } else {
+            self.stat_location(&location)?
+        };
+        Ok(self.present(ino, stat))
+    }
+
+    pub fn setattr(&self, ino: u64, handle: Option<u64>, change: AttrChange) -> SysResult<Stat> {
+        self.writable()?;
+        self.copy_up(ino, change.size == Some(0))?;
+        let path = self.upper_path(ino)?;
+        let root = self.stack.layers[0].root.as_fd();
+        let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
+        let name = path.file_name().map(OsStr::to_owned).unwrap_or_else(|| ".".into());
+        if change.uid.is_some() || change.gid.is_some() {
+            sys::fchownat(parent.as_fd(), &name, change.uid, change.gid)?;
+        }
+        if let Some(mode) = change.mode {
+            let fd = sys::open_beneath(root, &path, libc::O_PATH)?;
+            sys::fchmod_fd(fd.as_fd(), mode & 0o7777)?;
+        }
+        if let Some(size) = change.size {
+            let open = handle.and_then(|h| lock(&self.files).get(&h).cloned());
+            match open {
+                Some(file) if self.location(ino).is_ok() => sys::ftruncate(file.file.as_fd(), size)?,
+                _ => {
+                    let fd = sys::open_beneath(root, &path, libc::O_WRONLY)?;
+                    sys::ftruncate(fd.as_fd(), size)?;
+                }
+            }
+        }
+        if change.atime.is_some() || change.mtime.is_some() {
+            sys::utimensat(
+                parent.as_fd(),
+                &name,
+                change.atime.unwrap_or(SetTime::Omit),
+                change.mtime.unwrap_or(SetTime::Omit),
+            )?;
+        }
+        self.getattr(ino, None)
+    }
+
+    pub fn readlink(&self, ino: u64) -> SysResult<OsString> {
+        let location = self.location(ino)?;
+        let (dir, name) = self.parent_and_name(&location)?;
+        sys::readlinkat(dir.as_fd(), &name)
+    }
+
+    // ----- copy-up --------------------------------------------------------
+
+    /// Make sure `ino` exists in the upper layer, copying it (and its
+    /// parents) up from the lower layer it comes from. With `skip_data` a
+    /// regular file's content is not copied (it is about to be truncated).
+    pub fn copy_up(&self, ino: u64, skip_data: bool) -> SysResult<()> {
+        self.writable()?;
+        // Parents first, outside this inode's copy lock.
+        let (in_upper, parent) = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            (node.in_upper, node.names.first().map(|(p, _)| *p))
+        };
+        if in_upper {
+            return Ok(());
+        }
+        let parent = parent.ok_or(Errno::ENOENT)?;
+        self.copy_up(parent, false)?;
+
+        let _guard = lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize]);
+        let (source, indexed, kind, name, lower_nlink) = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            if node.in_upper {
+                return Ok(()); // another thread finished it while we waited
+            }
+            let (_, name) = node.names.first().ok_or(Errno::ENOENT)?.clone();
+            let source = node.lowers.first().cloned().ok_or(Errno::ENOENT)?;
+            (source, node.indexed, node.kind, name, node.lower_nlink)
+        };
+        let upper_parent = self.upper_dir(parent)?;
+        if indexed {
+            // A hard link whose data was copied up through another name.
+            let index = self.index.as_ref().ok_or(Errno::EROFS)?;
+            self.link_into_place(index.as_fd(), &index_name(ino), upper_parent.as_fd(), &name)?;
+        } else {
+            let work = self.work()?;
+            let temp = self.temp_name();
+            let result = crate::copyup::copy_entry(self, &source, kind, work.as_fd(), &temp, ino, skip_data);
+            if let Err(err) = result {
+                crate::copyup::remove_temp(work.as_fd(), &temp);
+                return Err(err);
+            }
+            if kind == libc::S_IFREG && lower_nlink > 1 {
+                // Remember the copy so the other names of this hard link
+                // keep sharing it.
+                if let Some(index) = &self.index {
+                    match sys::linkat(work.as_fd(), &temp, index.as_fd(), &index_name(ino)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(err) => log::warn!("cannot index hard link {ino}: {err}"),
+                    }
+                }
+            }
+            if let Err(err) = sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), &name, libc::RENAME_NOREPLACE) {
+                crate::copyup::remove_temp(work.as_fd(), &temp);
+                return Err(err);
+            }
+        }
+        let mut table = lock(&self.table);
+        let node = table.get_mut(ino)?;
+        node.in_upper = true;
+        node.indexed = node.indexed || (kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some());
+        Ok(())
+    }
+
+    /// Hard-link `old` into the upper directory as `name`, replacing a
+    /// whiteout there if any.
+    fn link_into_place(
+        &self,
+        old_dir: std::os::fd::BorrowedFd<'_>,
+        old: &OsStr,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> SysResult<()> {
+        let work = self.work()?;
+        let temp = self.temp_name();
+        sys::linkat(old_dir, old, work.as_fd(), &temp)?;
+        if let Err(err) = sys::renameat2(work.as_fd(), &temp, dir, name, 0) {
+            let _ = sys::unlinkat(work.as_fd(), &temp, false);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    pub fn fsync_copies(&self) -> bool {
+        self.options.fsync
+    }
+
+    pub fn namespace(&self) -> XattrNamespace {
+        self.stack.namespace
+    }
+
+    // ----- creating entries -----------------------------------------------
+
+    /// Whether removing `name` from the upper of `parent` would let a lower
+    /// entry show through (so a whiteout is needed).
+    fn lower_has(&self, parent: u64, name: &OsStr) -> SysResult<bool> {
+        let lowers = {
+            let table = lock(&self.table);
+            table.get(parent)?.lowers.clone()
+        };
+        Ok(self.stack.lookup(&lowers, name)?.is_some())
+    }
+
+    fn check_new_name(&self, name: &OsStr) -> SysResult<()> {
+        if layers::is_whiteout_name(name) {
+            // It would read back as a whiteout or an opaque marker.
+            return Err(Errno::EINVAL);
+        }
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(())
+    }
+
+    /// Create a new entry: `build` makes it in the work directory under a
+    /// temporary name, then it is owned by the caller and renamed into the
+    /// upper directory, replacing a whiteout if there is one.
+    fn install<T>(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        caller: Caller,
+        mode: u32,
+        build: impl FnOnce(&OwnedFd, &OsStr) -> SysResult<T>,
+    ) -> SysResult<(Entry, T)> {
+        self.writable()?;
+        self.check_new_name(name)?;
+        if self.resolve(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.copy_up(parent, false)?;
+        let work = self.work()?;
+        let upper_parent = self.upper_dir(parent)?;
+        let parent_stat = sys::fstat(upper_parent.as_fd())?;
+        let replaces_whiteout = sys::exists_at(upper_parent.as_fd(), name)?;
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+
+        let temp = self.temp_name();
+        let built = build(work, &temp)?;
+        let finish = || -> SysResult<()> {
+            // New entries belong to the caller; a setgid directory passes
+            // its group (and, to directories, the setgid bit) on.
+            let inherit = parent_stat.st_mode & libc::S_ISGID != 0;
+            let gid = if inherit { parent_stat.st_gid } else { caller.gid };
+            sys::fchownat(work.as_fd(), &temp, Some(caller.uid), Some(gid))?;
+            if mode & libc::S_IFMT != libc::S_IFLNK {
+                let mut perm = mode & 0o7777;
+                if is_dir && inherit {
+                    perm |= libc::S_ISGID;
+                }
+                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller.gid && caller.uid != 0 {
+                    perm &= !libc::S_ISGID;
+                }
+                let fd = sys::openat(work.as_fd(), &temp, libc::O_PATH, 0)?;
+                sys::fchmod_fd(fd.as_fd(), perm)?;
+            }
+            if is_dir && replaces_whiteout {
+                // A directory made where a lower one was deleted must not
+                // show the old content again.
+                self.mark_opaque(work.as_fd(), &temp)?;
+            }
+            if replaces_whiteout && is_dir {
+                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, libc::RENAME_EXCHANGE)?;
+                // The whiteout now sits in the work directory.
+                let _ = sys::unlinkat(work.as_fd(), &temp, false);
+            } else if replaces_whiteout {
+                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, 0)?;
+            } else {
+                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, libc::RENAME_NOREPLACE)?;
+            }
+            Ok(())
+        };
+        if let Err(err) = finish() {
+            crate::copyup::remove_temp(work.as_fd(), &temp);
+            return Err(err);
+        }
+        let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
+        Ok((self.remember(parent, name, resolved), built))
+    }
+
+    fn mark_opaque(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+        XattrTarget::new(dir, name)?.set(&self.stack.namespace.overlay("opaque"), b"y", 0)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> SysResult<Entry> {
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        let (entry, ()) =
+            self.install(parent, name, caller, mode, |work, temp| sys::mkdirat(work.as_fd(), temp, 0o700))?;
+        Ok(entry)
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, caller: Caller) -> SysResult<Entry> {
+        let (entry, ()) = self.install(parent, name, caller, mode, |work, temp| {
+            sys::mknodat(work.as_fd(), temp, (mode & libc::S_IFMT) | 0o600, rdev)
+        })?;
+        Ok(entry)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> SysResult<Entry> {
+        let (entry, ()) = self.install(parent, name, caller, libc::S_IFLNK | 0o777, |work, temp| {
+            sys::symlinkat(target, work.as_fd(), temp)
+        })?;
+        Ok(entry)
+    }
+
+    /// Create and open a regular file; returns the entry and a handle.
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> SysResult<(Entry, u64)> {
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let open_flags = (flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT))
+            | libc::O_CREAT
+            | libc::O_EXCL;
+        let (entry, file) = self.install(parent, name, caller, mode, |work, temp| {
+            sys::openat(work.as_fd(), temp, open_flags, 0o600).map(File::from)
+        })?;
+        Ok((entry, self.add_file(file)))
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> SysResult<Entry> {
+        self.writable()?;
+        self.check_new_name(new_name)?;
+        if self.resolve(new_parent, new_name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        {
+            let table = lock(&self.table);
+            if table.get(ino)?.is_dir() {
+                return Err(Errno::EPERM);
+            }
+        }
+        self.copy_up(ino, false)?;
+        self.copy_up(new_parent, false)?;
+        let path = self.upper_path(ino)?;
+        let old_dir = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
+        let old_name = path.file_name().ok_or(Errno::EINVAL)?;
+        let new_dir = self.upper_dir(new_parent)?;
+        self.link_into_place(old_dir.as_fd(), old_name, new_dir.as_fd(), new_name)?;
+        let resolved = self.resolve(new_parent, new_name)?.ok_or(Errno::ENOENT)?;
+        Ok(self.remember(new_parent, new_name, resolved))
+    }
+
+    // ----- removing entries -----------------------------------------------
+
+    /// The node of an existing child, looked up and remembered; the caller
+    /// must `forget` it once (done by `with_child`).
+    fn child(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
+        self.lookup(parent, name)
+    }
+
+    /// Put a whiteout at `name` in the upper directory `dir`, replacing
+    /// whatever upper entry is there (atomically).
+    fn whiteout(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+        let work = self.work()?;
+        let temp = self.temp_name();
+        match self.whiteouts {
+            WhiteoutStyle::Device => sys::mknodat(work.as_fd(), &temp, libc::S_IFCHR, 0)?,
+            WhiteoutStyle::Xattr => {
+                let file = sys::openat(work.as_fd(), &temp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                drop(file);
+                XattrTarget::new(work.as_fd(), &temp)?.set(&self.stack.namespace.overlay("whiteout"), b"y", 0)?;
+                let marks = XattrTarget::fd(dir);
+                if marks.get_opt(&self.stack.namespace.overlay("opaque"))?.is_none() {
+                    marks.set(&self.stack.namespace.overlay("opaque"), b"x", 0)?;
+                }
+            }
+        }
+        let existing = match sys::fstatat(dir, name) {
+            Ok(stat) => Some(stat),
+            Err(Errno::ENOENT) => None,
+            Err(err) => {
+                crate::copyup::remove_temp(work.as_fd(), &temp);
+                return Err(err);
+            }
+        };
+        let result = match existing {
+            Some(stat) if kind_of(&stat) == libc::S_IFDIR => {
+                sys::renameat2(work.as_fd(), &temp, dir, name, libc::RENAME_EXCHANGE)
+            }
+            Some(_) => sys::renameat2(work.as_fd(), &temp, dir, name, 0),
+            None => sys::renameat2(work.as_fd(), &temp, dir, name, libc::RENAME_NOREPLACE),
+        };
+        // After an exchange the old directory (holding only whiteouts) is
+        // in the work directory under the temporary name.
+        crate::copyup::remove_temp(work.as_fd(), &temp);
+        result
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> SysResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, want_dir: bool) -> SysResult<()> {
+        self.writable()?;
+        let child = self.child(parent, name)?;
+        let result = self.remove_child(parent, name, want_dir, child.ino);
+        self.forget(child.ino, 1);
+        result
+    }
+
+    fn remove_child(&self, parent: u64, name: &OsStr, want_dir: bool, ino: u64) -> SysResult<()> {
+        let (is_dir, in_upper) = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            (node.is_dir(), node.in_upper)
+        };
+        match (want_dir, is_dir) {
+            (true, false) => return Err(Errno::ENOTDIR),
+            (false, true) => return Err(Errno::EISDIR),
+            _ => {}
+        }
+        if is_dir && !self.stack.list(&self.dir_sources(ino)?)?.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        self.copy_up(parent, false)?;
+        let upper_parent = self.upper_dir(parent)?;
+        if self.lower_has(parent, name)? {
+            self.whiteout(upper_parent.as_fd(), name)?;
+        } else if in_upper {
+            if is_dir {
+                clear_whiteouts(upper_parent.as_fd(), name)?;
+            }
+            sys::unlinkat(upper_parent.as_fd(), name, is_dir)?;
+        }
+        lock(&self.table).remove_name(ino, parent, &name.to_owned());
+        Ok(())
+    }
+
+    // ----- rename ---------------------------------------------------------
+
+    pub fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, flags: u32) -> SysResult<()> {
+        self.writable()?;
+        self.check_new_name(new_name)?;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let source = self.child(parent, name)?;
+        let target = match self.child(new_parent, new_name) {
+            Ok(entry) => Some(entry),
+            Err(Errno::ENOENT) => None,
+            Err(err) => {
+                self.forget(source.ino, 1);
+                return Err(err);
+            }
+        };
+        let result = self.rename_nodes(parent, name, source.ino, new_parent, new_name, target.map(|t| t.ino), flags);
+        self.forget(source.ino, 1);
+        if let Some(target) = target {
+            self.forget(target.ino, 1);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_nodes(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        ino: u64,
+        new_parent: u64,
+        new_name: &OsStr,
+        target: Option<u64>,
+        flags: u32,
+    ) -> SysResult<()> {
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & libc::RENAME_NOREPLACE != 0 && target.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if exchange && target.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if target == Some(ino) {
+            return Ok(()); // two names of one inode: rename(2) does nothing
+        }
+        let source_is_dir = lock(&self.table).get(ino)?.is_dir();
+        if let (Some(target), false) = (target, exchange) {
+            let target_is_dir = lock(&self.table).get(target)?.is_dir();
+            match (source_is_dir, target_is_dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) if !self.stack.list(&self.dir_sources(target)?)?.is_empty() => {
+                    return Err(Errno::ENOTEMPTY);
+                }
+                _ => {}
+            }
+        }
+        if source_is_dir && self.is_ancestor(ino, new_parent)? {
+            return Err(Errno::EINVAL);
+        }
+
+        self.copy_up(parent, false)?;
+        self.copy_up(new_parent, false)?;
+        self.prepare_for_move(ino)?;
+        if exchange {
+            if let Some(target) = target {
+                self.prepare_for_move(target)?;
+            }
+        }
+        let old_dir = self.upper_dir(parent)?;
+        let new_dir = self.upper_dir(new_parent)?;
+
+        if exchange {
+            self.make_opaque_if_exposed(ino, new_parent, new_name)?;
+            if let Some(target) = target {
+                self.make_opaque_if_exposed(target, parent, name)?;
+            }
+            sys::renameat2(old_dir.as_fd(), name, new_dir.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+            let mut table = lock(&self.table);
+            table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+            if let Some(target) = target {
+                table.rename(target, (new_parent, &new_name.to_owned()), (parent, name.to_owned()));
+            }
+            return Ok(());
+        }
+
+        // Make room at the destination: an upper directory there is empty
+        // in the merged view but may hold whiteouts; a whiteout there cannot
+        // be replaced by a directory.
+        match sys::fstatat(new_dir.as_fd(), new_name) {
+            Ok(stat) if kind_of(&stat) == libc::S_IFDIR => clear_whiteouts(new_dir.as_fd(), new_name)?,
+            Ok(stat) if source_is_dir && target.is_none() && kind_of(&stat) != libc::S_IFDIR => {
+                sys::unlinkat(new_dir.as_fd(), new_name, false)?; // a whiteout
+            }
+            _ => {}
+        }
+        self.make_opaque_if_exposed(ino, new_parent, new_name)?;
+        let leave_whiteout = self.lower_has(parent, name)?;
+        let rename_flags =
+            if leave_whiteout && self.whiteouts == WhiteoutStyle::Device { libc::RENAME_WHITEOUT } else { 0 };
+        match sys::renameat2(old_dir.as_fd(), name, new_dir.as_fd(), new_name, rename_flags) {
+            Err(Errno::EINVAL) if rename_flags != 0 => {
+                sys::renameat2(old_dir.as_fd(), name, new_dir.as_fd(), new_name, 0)?;
+                self.whiteout(old_dir.as_fd(), name)?;
+            }
+            Err(err) => return Err(err),
+            Ok(()) if leave_whiteout && rename_flags == 0 => self.whiteout(old_dir.as_fd(), name)?,
+            Ok(()) => {}
+        }
+        let mut table = lock(&self.table);
+        if let Some(target) = target {
+            table.remove_name(target, new_parent, &new_name.to_owned());
+        }
+        table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+        Ok(())
+    }
+
+    fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> SysResult<bool> {
+        let table = lock(&self.table);
+        loop {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT {
+                return Ok(false);
+            }
+            ino = table.get(ino)?.names.first().map(|(p, _)| *p).ok_or(Errno::ENOENT)?;
+        }
+    }
+
+    /// Copy a node up before it moves. A directory with lower content gets
+    /// a redirect to where that content lives (the kernel's redirect_dir),
+    /// so it keeps its lower entries under the new name.
+    fn prepare_for_move(&self, ino: u64) -> SysResult<()> {
+        self.copy_up(ino, false)?;
+        let (is_dir, lower_path) = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            (node.is_dir(), node.lowers.first().map(|s| s.path.clone()))
+        };
+        if let (true, Some(lower_path)) = (is_dir, lower_path) {
+            let path = self.upper_path(ino)?;
+            let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
+            let mut redirect = b"/".to_vec();
+            redirect.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(lower_path.as_os_str()));
+            let name = path.file_name().ok_or(Errno::EINVAL)?;
+            XattrTarget::new(parent.as_fd(), name)?.set(&self.stack.namespace.overlay("redirect"), &redirect, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A directory without lower content that moves onto a name with lower
+    /// content must be opaque, or that content would merge into it.
+    fn make_opaque_if_exposed(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> SysResult<()> {
+        let (is_dir, has_lowers) = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            (node.is_dir(), !node.lowers.is_empty())
+        };
+        if is_dir && !has_lowers && self.lower_has(new_parent, new_name)? {
+            let path = self.upper_path(ino)?;
+            let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
+            self.mark_opaque(parent.as_fd(), path.file_name().ok_or(Errno::EINVAL)?)?;
+        }
+        Ok(())
+    }
+
+    // ----- files ----------------------------------------------------------
+
+    fn add_file(&self, file: File) -> u64 {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(handle, Arc::new(OpenFile { file }));
+        handle
+    }
+
+    fn file(&self, handle: u64) -> SysResult<Arc<OpenFile>> {
+        lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> SysResult<u64> {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            self.writable()?;
+            self.copy_up(ino, flags & libc::O_TRUNC != 0)?;
+        }
+        let location = self.location(ino)?;
+        let keep = libc::O_ACCMODE
+            | libc::O_APPEND
+            | libc::O_TRUNC
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_DIRECT
+            | libc::O_NOATIME;
+        let file = match self.open_location(&location, flags & keep) {
+            // O_NOATIME is only for the file's owner; drop it rather than fail.
+            Err(Errno::EPERM) if flags & libc::O_NOATIME != 0 => {
+                self.open_location(&location, flags & keep & !libc::O_NOATIME)?
+            }
+            other => other?,
+        };
+        Ok(self.add_file(file))
+    }
+
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
+        let file = self.file(handle)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let got = sys::pread(file.file.as_fd(), &mut buf[filled..], offset + filled as u64)?;
+            if got == 0 {
+                break;
+            }
+            filled += got;
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
+        let file = self.file(handle)?;
+        sys::pwrite(file.file.as_fd(), data, offset)
+    }
+
+    pub fn release(&self, handle: u64) {
+        lock(&self.files).remove(&handle);
+    }
+
+    pub fn fsync(&self, handle: u64, data_only: bool) -> SysResult<()> {
+        if !self.options.fsync {
+            return Ok(());
+        }
+        sys::fsync(self.file(handle)?.file.as_fd(), data_only)
+    }
+
+    pub fn fallocate(&self, handle: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
+        sys::fallocate(self.file(handle)?.file.as_fd(), mode, offset, len)
+    }
+
+    pub fn lseek(&self, handle: u64, offset: i64, whence: i32) -> SysResult<i64> {
+        sys::lseek(self.file(handle)?.file.as_fd(), offset, whence)
+    }
+
+    // ----- directories ----------------------------------------------------
+
+    /// Snapshot the merged listing; readdir offsets index into it.
+    pub fn opendir(&self, ino: u64) -> SysResult<u64> {
+        let sources = self.dir_sources(ino)?;
+        let parent = {
+            let table = lock(&self.table);
+            table.get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT)
+        };
+        let mut items = vec![
+            DirItem { ino, kind: libc::DT_DIR, name: ".".into() },
+            DirItem { ino: parent, kind: libc::DT_DIR, name: "..".into() },
+        ];
+        for entry in self.stack.list(&sources)? {
+            items.push(DirItem { ino: entry.ino, kind: entry.kind, name: entry.name });
+        }
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(handle, Arc::new(OpenDir { items }));
+        Ok(handle)
+    }
+
+    /// Entries from `offset` on (offset N means "after the Nth entry").
+    pub fn readdir(&self, handle: u64, offset: u64) -> SysResult<Vec<DirItem>> {
+        let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
+        Ok(dir.items.iter().skip(offset as usize).cloned().collect())
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        lock(&self.dirs).remove(&handle);
+    }
+
+    pub fn fsyncdir(&self, ino: u64) -> SysResult<()> {
+        if !self.options.fsync || !lock(&self.table).get(ino)?.in_upper {
+            return Ok(());
+        }
+        let fd = self.stack.open_dir(0, &self.upper_path(ino)?, libc::O_RDONLY)?;
+        sys::fsync(fd.as_fd(), false)
+    }
+
+    pub fn statfs(&self) -> SysResult<libc::statvfs> {
+        sys::fstatvfs(self.stack.layers[0].root.as_fd())
+    }
+
+    /// Flush the upper layer to disk (at unmount).
+    pub fn sync(&self) {
+        if self.stack.has_upper && self.options.fsync {
+            let _ = sys::syncfs(self.stack.layers[0].root.as_fd());
+        }
+    }
+
+    // ----- extended attributes ---------------------------------------------
+
+    fn with_xattrs<T>(&self, ino: u64, action: impl FnOnce(&XattrTarget<'_>) -> SysResult<T>) -> SysResult<T> {
+        let location = self.location(ino)?;
+        if ino == ROOT {
+            let fd = self.open_location(&location, libc::O_PATH)?;
+            return action(&XattrTarget::fd(fd.as_fd()));
+        }
+        let (dir, name) = self.parent_and_name(&location)?;
+        action(&XattrTarget::new(dir.as_fd(), &name)?)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> SysResult<Vec<u8>> {
+        if layers::is_private_xattr(name) {
+            return Err(Errno::ENODATA);
+        }
+        self.with_xattrs(ino, |x| x.get(name))
+    }
+
+    pub fn listxattr(&self, ino: u64) -> SysResult<Vec<OsString>> {
+        let names = self.with_xattrs(ino, |x| x.list())?;
+        Ok(names.into_iter().filter(|n| !layers::is_private_xattr(n)).collect())
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+        self.writable()?;
+        if layers::is_private_xattr(name) {
+            return Err(Errno::EPERM);
+        }
+        self.copy_up(ino, false)?;
+        self.with_xattrs(ino, |x| x.set(name, value, flags))
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> SysResult<()> {
+        self.writable()?;
+        if layers::is_private_xattr(name) {
+            return Err(Errno::ENODATA);
+        }
+        self.copy_up(ino, false)?;
+        self.with_xattrs(ino, |x| x.remove(name))
+    }
+
+    /// access(2): existence, and EROFS for writes to a read-only mount; the
+    /// kernel checks permission bits itself (default_permissions).
+    pub fn access(&self, ino: u64, mask: i32) -> SysResult<()> {
+        self.getattr(ino, None)?;
+        if mask & libc::W_OK != 0 {
+            self.writable()?;
+        }
+        Ok(())
+    }
+
+    /// The source a node's copy-up reads from (for copyup.rs).
+    pub(crate) fn open_source(&self, source: &Source, flags: i32) -> SysResult<File> {
+        self.open_location(&Location::Layer(source.clone()), flags)
+    }
+
+    pub(crate) fn source_parent(&self, source: &Source) -> SysResult<(OwnedFd, OsString)> {
+        self.parent_and_name(&Location::Layer(source.clone()))
+    }
+}
+
+/// Where a node's visible copy is.
+enum Location {
+    Layer(Source),
+    /// In the hard-link index of the work directory.
+    Index(u64),
+}
+
+fn index_name(ino: u64) -> OsString {
+    format!("{ino}").into()
+}
+
+/// Open (creating) a scratch directory inside the work directory; the
+/// temporary one is emptied, since what a crash left there was never visible.
+fn prepare_scratch(work_dir: std::os::fd::BorrowedFd<'_>, name: &str, empty_it: bool) -> SysResult<OwnedFd> {
+    let name = OsStr::new(name);
+    match sys::mkdirat(work_dir, name, 0o700) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(err) => return Err(err),
+    }
+    let fd = sys::openat(work_dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    if empty_it {
+        let listing = sys::openat(work_dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        for entry in sys::read_dir(listing)? {
+            crate::copyup::remove_temp(fd.as_fd(), &entry.name);
+        }
+    }
+    Ok(fd)
+}
+
+/// Remove the whiteouts (all that a merged-empty directory holds in the
+/// upper) from the upper directory `name`, so it can be removed or replaced.
+fn clear_whiteouts(parent: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    let dir = sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let handle = sys::dup(dir.as_fd())?;
+    for entry in sys::read_dir(dir)? {
+        let stat = sys::fstatat(handle.as_fd(), &entry.name)?;
+        if kind_of(&stat) == libc::S_IFDIR {
+            return Err(Errno::ENOTEMPTY);
+        }
+        sys::unlinkat(handle.as_fd(), &entry.name, false)?;
+    }
+    Ok(())
+}

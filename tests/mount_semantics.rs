@@ -1,0 +1,1018 @@
+//! One test per overlay semantic, each through a real Strata mount.
+//! The kernel's overlayfs is the reference unless a test says otherwise.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+
+const OPAQUE_XATTRS: [&str; 3] = ["trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque"];
+
+/// No marker of any dialect shows as an xattr of `p` through the mount.
+#[track_caller]
+fn assert_no_marker_xattrs(p: &Path) {
+    let names = llistxattr(p).unwrap_or_else(|e| panic!("listxattr {}: {e}", p.display()));
+    for n in &names {
+        assert!(
+            !(n.starts_with("trusted.overlay.")
+                || n.starts_with("user.overlay.")
+                || n.starts_with("user.fuseoverlayfs.")
+                || n.starts_with("trusted.strata.")),
+            "marker xattr {n} visible in listxattr of {}: {names:?}",
+            p.display()
+        );
+    }
+    for n in OPAQUE_XATTRS.iter().chain(&[
+        "trusted.overlay.whiteout",
+        "user.overlay.whiteout",
+        "trusted.overlay.redirect",
+        "trusted.overlay.origin",
+    ]) {
+        assert_errno(lgetxattr(p, n), libc::ENODATA, &format!("getxattr {n} on {}", p.display()));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lookup, merge, opaque, whiteouts
+// ---------------------------------------------------------------------------
+
+#[test]
+fn lookup_is_top_down_and_upper_shadows_lowers() {
+    let l = Layers::new(2);
+    l.lower(1).file("a", "bottom-a").file("b", "bottom-b").file("c", "bottom-c").dir("x/child");
+    l.lower(0).file("a", "middle-a").file("c", "middle-c").file("x", "x is a file here");
+    l.upper.file("c", "upper-c").file("u", "upper-u");
+    let m = StrataMount::mount(&l);
+    assert_eq!(read_string(&m.p("a")), "middle-a", "topmost lower must win over the bottom one");
+    assert_eq!(read_string(&m.p("b")), "bottom-b", "name only in the bottom layer");
+    assert_eq!(read_string(&m.p("c")), "upper-c", "upper must shadow every lower");
+    assert_eq!(read_string(&m.p("u")), "upper-u");
+    assert_eq!(ls(&m.p("")), ["a", "b", "c", "u", "x"]);
+    // A non-directory stops the merge: x is a file, the bottom's x/ is hidden.
+    let md = fs::symlink_metadata(m.p("x")).expect("stat x");
+    assert!(md.is_file(), "x must be the middle layer's file, got {:?}", md.file_type());
+    assert_eq!(read_string(&m.p("x")), "x is a file here");
+    assert_errno(fs::symlink_metadata(m.p("x/child")), libc::ENOTDIR, "lookup below a file");
+    assert_errno(fs::read(m.p("nope")), libc::ENOENT, "missing name");
+}
+
+#[test]
+fn directories_merge_across_all_layers() {
+    let l = Layers::new(2);
+    l.lower(1).file("d/bottom", "b").file("d/shared", "from-bottom").file("d/sub/deep-bottom", "1");
+    l.lower(0).file("d/middle", "m").file("d/shared", "from-middle").file("d/sub/deep-middle", "2");
+    l.upper.file("d/top", "t");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["bottom", "middle", "shared", "sub", "top"], "merged listing, no duplicates");
+    assert_eq!(read_string(&m.p("d/shared")), "from-middle");
+    assert_eq!(ls(&m.p("d/sub")), ["deep-bottom", "deep-middle"]);
+    assert_eq!(read_string(&m.p("d/sub/deep-bottom")), "1");
+    // Listing twice (e.g. cached listings) gives the same answer.
+    assert_eq!(ls(&m.p("d")), ["bottom", "middle", "shared", "sub", "top"]);
+}
+
+/// An opaque dir in lower0 hides lower1's same-named dir; the marker is invisible.
+fn check_opaque(mark: impl Fn(&Layer, &str)) {
+    let l = Layers::new(2);
+    l.lower(1).file("d/below", "hidden").file("d/sub/x", "hidden").file("other/kept", "k");
+    l.lower(0).file("d/top", "visible").dir("other");
+    mark(l.lower(0), "d");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["top"], "an opaque dir must not merge with the layers below");
+    assert_errno(fs::read(m.p("d/below")), libc::ENOENT, "lookup of a name below an opaque dir");
+    assert_errno(fs::symlink_metadata(m.p("d/sub")), libc::ENOENT, "lookup of a dir below an opaque dir");
+    assert_errno(fs::read(m.p("d/.wh..wh..opq")), libc::ENOENT, "the OCI opaque marker itself");
+    assert_eq!(ls(&m.p("other")), ["kept"], "a dir without a marker still merges");
+    assert_no_marker_xattrs(&m.p("d"));
+    // Creating in the opaque dir works and still shows only the top.
+    fs::write(m.p("d/new"), "n").expect("create in opaque dir");
+    assert_eq!(ls(&m.p("d")), ["new", "top"]);
+}
+
+#[test]
+fn opaque_trusted_overlay_opaque() {
+    check_opaque(|l, d| {
+        l.opaque(d, "trusted.overlay.opaque");
+    });
+}
+
+#[test]
+fn opaque_user_overlay_opaque() {
+    check_opaque(|l, d| {
+        l.opaque(d, "user.overlay.opaque");
+    });
+}
+
+#[test]
+fn opaque_user_fuseoverlayfs_opaque() {
+    check_opaque(|l, d| {
+        l.opaque(d, "user.fuseoverlayfs.opaque");
+    });
+}
+
+#[test]
+fn opaque_oci_wh_wh_opq() {
+    check_opaque(|l, d| {
+        l.oci_opaque(d);
+    });
+}
+
+#[test]
+fn opaque_in_upper_hides_all_lowers() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/low", "x");
+    l.upper.file("d/up", "y").opaque("d", "trusted.overlay.opaque");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["up"]);
+    assert_no_marker_xattrs(&m.p("d"));
+}
+
+/// A whiteout for `d/f` and `d/sub` in lower0 hides lower1's entries.
+fn check_whiteout(make: impl Fn(&Layer)) {
+    let l = Layers::new(2);
+    l.lower(1).file("d/f", "hidden").file("d/sub/x", "hidden").file("d/kept", "k");
+    l.lower(0).file("d/top", "t");
+    make(l.lower(0));
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["kept", "top"], "whited-out names and markers must not be listed");
+    assert_errno(fs::symlink_metadata(m.p("d/f")), libc::ENOENT, "whited-out file");
+    assert_errno(fs::symlink_metadata(m.p("d/sub")), libc::ENOENT, "whited-out dir");
+    assert_errno(fs::symlink_metadata(m.p("d/.wh.f")), libc::ENOENT, "OCI whiteout name");
+    assert_no_marker_xattrs(&m.p("d"));
+    // The name can be created again through the mount.
+    fs::write(m.p("d/f"), "new").expect("create over a whiteout");
+    assert_eq!(read_string(&m.p("d/f")), "new");
+    fs::create_dir(m.p("d/sub")).expect("mkdir over a whiteout");
+    assert_eq!(ls(&m.p("d/sub")), Vec::<String>::new(), "lower children of a whited-out dir must stay hidden");
+}
+
+#[test]
+fn whiteout_char_device_0_0() {
+    check_whiteout(|l| {
+        l.whiteout("d/f").whiteout("d/sub");
+    });
+}
+
+#[test]
+fn whiteout_oci_wh_file() {
+    check_whiteout(|l| {
+        l.oci_whiteout("d/f").oci_whiteout("d/sub");
+    });
+}
+
+#[test]
+fn whiteout_trusted_xattr_in_opaque_x_dir() {
+    check_whiteout(|l| {
+        l.xattr("d", "trusted.overlay.opaque", b"x");
+        l.file("d/f", "").xattr("d/f", "trusted.overlay.whiteout", b"");
+        l.file("d/sub", "").xattr("d/sub", "trusted.overlay.whiteout", b"");
+    });
+}
+
+#[test]
+fn whiteout_user_xattr_in_opaque_x_dir() {
+    check_whiteout(|l| {
+        l.xattr("d", "user.overlay.opaque", b"x");
+        l.file("d/f", "").xattr("d/f", "user.overlay.whiteout", b"");
+        l.file("d/sub", "").xattr("d/sub", "user.overlay.whiteout", b"");
+    });
+}
+
+#[test]
+fn whiteout_in_upper_hides_lower() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "x").file("g", "y");
+    l.upper.whiteout("f");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("")), ["g"]);
+    assert_errno(fs::symlink_metadata(m.p("f")), libc::ENOENT, "whited-out file");
+}
+
+#[test]
+fn markers_never_visible_in_getxattr_or_listxattr() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("d/f", "x")
+        .xattr("d", "trusted.overlay.opaque", b"x")
+        .xattr("d", "user.keep", b"1")
+        .xattr("d/f", "trusted.overlay.origin", b"\x00\xfb")
+        .xattr("d/f", "user.fuseoverlayfs.origin", b"zz")
+        .xattr("d/f", "user.keep", b"2");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["f"]);
+    for p in [m.p("d"), m.p("d/f")] {
+        assert_no_marker_xattrs(&p);
+        let names = llistxattr(&p).expect("listxattr");
+        assert!(names.contains(&"user.keep".to_string()), "ordinary xattrs must stay visible: {names:?}");
+    }
+    // Strata's own markers after a copy-up and an opaque mkdir stay hidden too.
+    fs::write(m.p("d/f"), "changed").expect("write");
+    fs::remove_dir_all(m.p("d")).expect("rm -rf d");
+    fs::create_dir(m.p("d")).expect("mkdir d");
+    assert_no_marker_xattrs(&m.p("d"));
+    // The overlay's namespace cannot be written through the mount.
+    assert!(
+        lsetxattr(&m.p("d"), "trusted.overlay.opaque", b"y").is_err(),
+        "setting trusted.overlay.opaque through the mount must fail"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Copy-up
+// ---------------------------------------------------------------------------
+
+fn lower_file_with_metadata(l: &Layers, rel: &str) {
+    l.lower(0)
+        .file_mode(rel, "hello", 0o640)
+        .owner(rel, 1234, 5678)
+        .xattr(rel, "user.foo", b"bar")
+        .xattr(rel, "trusted.t", b"tv")
+        .times(rel, 1_000_000_000, 123_456_789);
+}
+
+#[track_caller]
+fn assert_lower_untouched(l: &Layers, rel: &str) {
+    let p = l.lower(0).p(rel);
+    assert_eq!(read_string(&p), "hello", "lower content must not change");
+    let md = fs::metadata(&p).expect("stat lower");
+    assert_eq!(md.mode() & 0o7777, 0o640, "lower mode must not change");
+    assert_eq!((md.uid(), md.gid()), (1234, 5678), "lower owner must not change");
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000_000, 123_456_789), "lower mtime must not change");
+    assert_eq!(lgetxattr(&p, "user.foo").expect("lower xattr"), b"bar");
+}
+
+#[test]
+fn copy_up_on_write_keeps_data_mode_owner_times_xattrs() {
+    let l = Layers::new(1);
+    lower_file_with_metadata(&l, "dir/f");
+    l.lower(0).mode("dir", 0o750).owner("dir", 42, 43).xattr("dir", "user.d", b"dv");
+    let m = StrataMount::mount(&l);
+    let ino_before = fs::metadata(m.p("dir/f")).expect("stat").ino();
+
+    // Open for writing without writing: copies up with the original times.
+    drop(fs::OpenOptions::new().write(true).open(m.p("dir/f")).expect("open for write"));
+    let up = l.upper.p("dir/f");
+    assert!(up.is_file(), "open for write must copy up");
+    let um = fs::metadata(&up).expect("stat upper");
+    assert_eq!(um.mode() & 0o7777, 0o640, "mode kept");
+    assert_eq!((um.uid(), um.gid()), (1234, 5678), "owner kept");
+    assert_eq!((um.mtime(), um.mtime_nsec()), (1_000_000_000, 123_456_789), "mtime kept");
+    assert_eq!(read_string(&up), "hello", "data kept");
+    assert_eq!(lgetxattr(&up, "user.foo").expect("user xattr copied"), b"bar");
+    assert_eq!(lgetxattr(&up, "trusted.t").expect("trusted xattr copied"), b"tv");
+    // Parents are copied up first, with their metadata.
+    let dm = fs::metadata(l.upper.p("dir")).expect("parent copied up");
+    assert_eq!(dm.mode() & 0o7777, 0o750, "parent mode kept");
+    assert_eq!((dm.uid(), dm.gid()), (42, 43), "parent owner kept");
+    assert_eq!(lgetxattr(&l.upper.p("dir"), "user.d").expect("parent xattr"), b"dv");
+
+    append(&m.p("dir/f"), b" world").expect("append");
+    assert_eq!(read_string(&m.p("dir/f")), "hello world");
+    assert_eq!(read_string(&up), "hello world");
+    let mm = fs::metadata(m.p("dir/f")).expect("stat");
+    assert_eq!(mm.mode() & 0o7777, 0o640);
+    assert_eq!((mm.uid(), mm.gid()), (1234, 5678));
+    assert_eq!(mm.ino(), ino_before, "st_ino must not change on copy-up");
+    assert_eq!(lgetxattr(&m.p("dir/f"), "user.foo").expect("xattr via mount"), b"bar");
+    assert_lower_untouched(&l, "dir/f");
+}
+
+#[test]
+fn copy_up_keeps_security_capability() {
+    let l = Layers::new(1);
+    // vfs_cap_data revision 2: cap_net_bind_service permitted.
+    let mut cap = Vec::new();
+    for w in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    l.lower(0).file_mode("bin", "#!/bin/sh\n", 0o755).xattr("bin", "security.capability", &cap);
+    let m = StrataMount::mount(&l);
+    set_times(&m.p("bin"), (5, 0), (5, 0)).expect("utimens");
+    let up = l.upper.p("bin");
+    assert!(up.is_file(), "utimens must copy up");
+    assert_eq!(lgetxattr(&up, "security.capability").expect("capability copied up"), cap);
+    assert_eq!(lgetxattr(&m.p("bin"), "security.capability").expect("capability via mount"), cap);
+}
+
+/// Runs `op` on lower file `f` through the mount; checks the copy-up.
+fn check_copy_up_by(op: impl Fn(&StrataMount), upper_name: &str, check: impl Fn(&Layers, &StrataMount)) {
+    let l = Layers::new(1);
+    lower_file_with_metadata(&l, "f");
+    let m = StrataMount::mount(&l);
+    op(&m);
+    assert!(l.upper.p(upper_name).is_file(), "{upper_name} must be copied up to the upper");
+    check(&l, &m);
+    assert_lower_untouched(&l, "f");
+}
+
+#[test]
+fn copy_up_on_chmod() {
+    check_copy_up_by(
+        |m| fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o604)).expect("chmod"),
+        "f",
+        |l, m| {
+            assert_eq!(fs::metadata(m.p("f")).unwrap().mode() & 0o7777, 0o604);
+            assert_eq!(fs::metadata(l.upper.p("f")).unwrap().mode() & 0o7777, 0o604);
+            assert_eq!(read_string(&l.upper.p("f")), "hello");
+            assert_eq!(fs::metadata(l.upper.p("f")).unwrap().mtime(), 1_000_000_000, "chmod must not change mtime");
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_chown() {
+    check_copy_up_by(
+        |m| lchown(&m.p("f"), 7, 8).expect("chown"),
+        "f",
+        |l, m| {
+            let mm = fs::metadata(m.p("f")).unwrap();
+            assert_eq!((mm.uid(), mm.gid()), (7, 8));
+            let um = fs::metadata(l.upper.p("f")).unwrap();
+            assert_eq!((um.uid(), um.gid()), (7, 8));
+            assert_eq!(read_string(&l.upper.p("f")), "hello");
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_utimens() {
+    check_copy_up_by(
+        |m| set_times(&m.p("f"), (2_000_000_000, 0), (2_000_000_000, 5)).expect("utimens"),
+        "f",
+        |l, m| {
+            let mm = fs::metadata(m.p("f")).unwrap();
+            assert_eq!((mm.mtime(), mm.mtime_nsec()), (2_000_000_000, 5));
+            assert_eq!(fs::metadata(l.upper.p("f")).unwrap().mtime(), 2_000_000_000);
+            assert_eq!(read_string(&l.upper.p("f")), "hello");
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_setxattr() {
+    check_copy_up_by(
+        |m| lsetxattr(&m.p("f"), "user.new", b"nv").expect("setxattr"),
+        "f",
+        |l, m| {
+            assert_eq!(lgetxattr(&m.p("f"), "user.new").unwrap(), b"nv");
+            assert_eq!(lgetxattr(&l.upper.p("f"), "user.new").unwrap(), b"nv");
+            assert_eq!(lgetxattr(&l.upper.p("f"), "user.foo").unwrap(), b"bar");
+            assert!(lgetxattr(&l.lower(0).p("f"), "user.new").is_err(), "lower must not get the xattr");
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_removexattr() {
+    check_copy_up_by(
+        |m| lremovexattr(&m.p("f"), "user.foo").expect("removexattr"),
+        "f",
+        |l, m| {
+            assert_errno(lgetxattr(&m.p("f"), "user.foo"), libc::ENODATA, "removed xattr");
+            assert!(lgetxattr(&l.upper.p("f"), "user.foo").is_err());
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_truncate() {
+    check_copy_up_by(
+        |m| fs::OpenOptions::new().write(true).open(m.p("f")).unwrap().set_len(2).expect("truncate"),
+        "f",
+        |l, m| {
+            assert_eq!(read_string(&m.p("f")), "he");
+            assert_eq!(read_string(&l.upper.p("f")), "he");
+            let um = fs::metadata(l.upper.p("f")).unwrap();
+            assert_eq!((um.mode() & 0o7777, um.uid(), um.gid()), (0o640, 1234, 5678));
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_open_with_o_trunc() {
+    check_copy_up_by(
+        |m| fs::write(m.p("f"), "xyz").expect("O_TRUNC write"),
+        "f",
+        |l, m| {
+            assert_eq!(read_string(&m.p("f")), "xyz");
+            assert_eq!(read_string(&l.upper.p("f")), "xyz");
+            let um = fs::metadata(l.upper.p("f")).unwrap();
+            assert_eq!((um.mode() & 0o7777, um.uid(), um.gid()), (0o640, 1234, 5678));
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_link() {
+    check_copy_up_by(
+        |m| fs::hard_link(m.p("f"), m.p("g")).expect("link"),
+        "g",
+        |l, m| {
+            let (a, b) = (fs::metadata(m.p("f")).unwrap(), fs::metadata(m.p("g")).unwrap());
+            assert_eq!(a.ino(), b.ino(), "both names are one inode");
+            assert_eq!(a.nlink(), 2);
+            let (ua, ub) = (fs::metadata(l.upper.p("f")).unwrap(), fs::metadata(l.upper.p("g")).unwrap());
+            assert_eq!(ua.ino(), ub.ino(), "linked in the upper");
+            assert_eq!(read_string(&m.p("g")), "hello");
+        },
+    );
+}
+
+#[test]
+fn copy_up_on_rename() {
+    check_copy_up_by(
+        |m| fs::rename(m.p("f"), m.p("g")).expect("rename"),
+        "g",
+        |l, m| {
+            assert_eq!(read_string(&m.p("g")), "hello");
+            assert_errno(fs::symlink_metadata(m.p("f")), libc::ENOENT, "old name");
+            assert!(is_whiteout(&l.upper.p("f")), "old name must be whited out in the upper");
+            let um = fs::metadata(l.upper.p("g")).unwrap();
+            assert_eq!((um.mode() & 0o7777, um.uid(), um.gid()), (0o640, 1234, 5678));
+            assert_eq!(lgetxattr(&l.upper.p("g"), "user.foo").unwrap(), b"bar");
+        },
+    );
+}
+
+#[test]
+fn copy_up_of_sparse_file_keeps_holes() {
+    const SIZE: u64 = 100 << 20;
+    let l = Layers::new(1);
+    l.lower(0).sparse("big", SIZE, &[(0, b"head"), (SIZE - 4, b"tail")]);
+    let m = StrataMount::mount(&l);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(m.p("big")).expect("open");
+        f.write_all_at(b"H", 0).expect("write");
+        f.sync_all().expect("fsync");
+    }
+    let um = fs::metadata(l.upper.p("big")).expect("copied up");
+    assert_eq!(um.len(), SIZE);
+    assert!(
+        um.blocks() * 512 < (4 << 20),
+        "copy-up filled the holes: {} bytes allocated for a sparse 100 MiB file",
+        um.blocks() * 512
+    );
+    let mut f = fs::File::open(m.p("big")).unwrap();
+    let mut buf = [0u8; 4];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"Head");
+    f.seek(SeekFrom::Start(SIZE - 4)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"tail");
+    f.seek(SeekFrom::Start(50 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+}
+
+// ---------------------------------------------------------------------------
+// Unlink, rmdir, mkdir
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unlink_of_lower_file_leaves_char_0_0_whiteout() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/f", "x").file("d/keep", "k").symlink("d/s", "f");
+    l.upper.file("d/uponly", "u");
+    let m = StrataMount::mount(&l);
+    fs::remove_file(m.p("d/f")).expect("unlink lower file");
+    fs::remove_file(m.p("d/s")).expect("unlink lower symlink");
+    fs::remove_file(m.p("d/uponly")).expect("unlink upper-only file");
+    assert_eq!(ls(&m.p("d")), ["keep"]);
+    assert_errno(fs::symlink_metadata(m.p("d/f")), libc::ENOENT, "unlinked file");
+    assert!(is_whiteout(&l.upper.p("d/f")), "unlink must leave a char 0/0 whiteout in the upper");
+    assert!(is_whiteout(&l.upper.p("d/s")), "unlink of a symlink must leave a whiteout");
+    assert!(absent(&l.upper.p("d/uponly")), "an upper-only file needs no whiteout");
+    assert_eq!(read_string(&l.lower(0).p("d/f")), "x", "the lower file stays");
+    assert_eq!(
+        ls(&l.upper.p("d")).iter().filter(|n| n.starts_with(".wh.")).count(),
+        0,
+        "no OCI whiteouts in the upper"
+    );
+}
+
+#[test]
+fn rmdir_of_merged_dir_that_only_looks_empty() {
+    let l = Layers::new(2);
+    l.lower(1).file("d/a", "1").file("e/x", "1");
+    l.lower(0).file("d/b", "2");
+    l.upper.whiteout("d/b");
+    let m = StrataMount::mount(&l);
+    fs::remove_file(m.p("d/a")).expect("unlink d/a");
+    assert_eq!(ls(&m.p("d")), Vec::<String>::new());
+    fs::remove_dir(m.p("d")).expect("rmdir of a dir that only looks empty");
+    assert_errno(fs::symlink_metadata(m.p("d")), libc::ENOENT, "removed dir");
+    assert!(is_whiteout(&l.upper.p("d")), "rmdir must leave a whiteout in the upper");
+    assert!(l.lower(1).p("d/a").is_file(), "lower untouched");
+    assert_errno(fs::remove_dir(m.p("e")), libc::ENOTEMPTY, "rmdir of a dir with lower content");
+    assert_eq!(ls(&m.p("")), ["e"]);
+}
+
+#[test]
+fn mkdir_over_whiteout_makes_opaque_dir() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/old", "o").file("d/sub/deep", "x");
+    let m = StrataMount::mount(&l);
+    fs::remove_dir_all(m.p("d")).expect("rm -rf d");
+    assert!(is_whiteout(&l.upper.p("d")));
+    fs::create_dir(m.p("d")).expect("mkdir over whiteout");
+    assert_eq!(ls(&m.p("d")), Vec::<String>::new(), "lower children must not show in the new dir");
+    assert_errno(fs::symlink_metadata(m.p("d/old")), libc::ENOENT, "old lower child");
+    assert!(l.upper.p("d").is_dir());
+    assert_eq!(lgetxattr(&l.upper.p("d"), "trusted.overlay.opaque").expect("opaque xattr in upper"), b"y");
+    assert_errno(lgetxattr(&m.p("d"), "trusted.overlay.opaque"), libc::ENODATA, "opaque marker through the mount");
+    fs::write(m.p("d/new"), "n").unwrap();
+    assert_eq!(ls(&m.p("d")), ["new"]);
+}
+
+// ---------------------------------------------------------------------------
+// Rename
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rename_files() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "A").file("b", "B").file("d/c", "C");
+    l.upper.file("u", "U");
+    let m = StrataMount::mount(&l);
+    fs::rename(m.p("a"), m.p("b")).expect("rename lower over lower");
+    assert_eq!(read_string(&m.p("b")), "A");
+    assert!(is_whiteout(&l.upper.p("a")));
+    fs::rename(m.p("u"), m.p("d/u2")).expect("rename upper file into a lower dir");
+    assert_eq!(read_string(&m.p("d/u2")), "U");
+    assert!(absent(&l.upper.p("u")), "upper-only source needs no whiteout");
+    fs::rename(m.p("d/c"), m.p("c2")).expect("rename across dirs");
+    assert_eq!(ls(&m.p("")), ["b", "c2", "d"]);
+    assert_eq!(ls(&m.p("d")), ["u2"]);
+    assert_eq!(read_string(&l.lower(0).p("a")), "A", "lower untouched");
+    // Rename back onto a whiteout name.
+    fs::rename(m.p("c2"), m.p("a")).expect("rename onto a whited-out name");
+    assert_eq!(read_string(&m.p("a")), "C");
+}
+
+#[test]
+fn rename_dir_with_lower_content_uses_redirect() {
+    let l = Layers::new(2);
+    l.lower(1).file("d/a", "A").file("d/sub/b", "B");
+    l.lower(0).file("d/c", "C");
+    l.lower(0).dir("p/q");
+    let m = StrataMount::mount(&l);
+    fs::rename(m.p("d"), m.p("e")).expect("rename of a merged dir must work (no EXDEV)");
+    assert_errno(fs::symlink_metadata(m.p("d")), libc::ENOENT, "old dir name");
+    assert_eq!(ls(&m.p("e")), ["a", "c", "sub"]);
+    assert_eq!(read_string(&m.p("e/sub/b")), "B");
+    assert!(is_whiteout(&l.upper.p("d")), "old name whited out in upper");
+    let r =
+        lgetxattr(&l.upper.p("e"), "trusted.overlay.redirect").expect("trusted.overlay.redirect on the renamed dir");
+    assert!(r == b"/d" || r == b"d", "redirect must name the old path, got {:?}", String::from_utf8_lossy(&r));
+    assert_no_marker_xattrs(&m.p("e"));
+    // Into another directory, then changes inside it.
+    fs::rename(m.p("e"), m.p("p/q/moved")).expect("rename into a lower subdir");
+    assert_eq!(ls(&m.p("p/q/moved")), ["a", "c", "sub"]);
+    let r = lgetxattr(&l.upper.p("p/q/moved"), "trusted.overlay.redirect").expect("redirect after second rename");
+    assert_eq!(r, b"/d", "a cross-directory redirect is absolute and names the lower path");
+    fs::remove_file(m.p("p/q/moved/a")).unwrap();
+    fs::write(m.p("p/q/moved/sub/new"), "N").unwrap();
+    assert_eq!(ls(&m.p("p/q/moved")), ["c", "sub"]);
+    assert_eq!(ls(&m.p("p/q/moved/sub")), ["b", "new"]);
+    assert!(l.lower(1).p("d/a").is_file(), "lower untouched");
+}
+
+#[test]
+fn rename_noreplace() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "A").file("b", "B").dir("dir/x");
+    let m = StrataMount::mount(&l);
+    assert_errno(renameat2(&m.p("a"), &m.p("b"), libc::RENAME_NOREPLACE), libc::EEXIST, "NOREPLACE over a lower file");
+    assert_errno(renameat2(&m.p("a"), &m.p("dir"), libc::RENAME_NOREPLACE), libc::EEXIST, "NOREPLACE over a lower dir");
+    assert_eq!(read_string(&m.p("b")), "B");
+    renameat2(&m.p("a"), &m.p("c"), libc::RENAME_NOREPLACE).expect("NOREPLACE to a free name");
+    assert_eq!(read_string(&m.p("c")), "A");
+    fs::remove_file(m.p("b")).unwrap();
+    renameat2(&m.p("c"), &m.p("b"), libc::RENAME_NOREPLACE).expect("NOREPLACE onto a whited-out name");
+    assert_eq!(ls(&m.p("")), ["b", "dir"]);
+}
+
+#[test]
+fn rename_exchange() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "A").file("d1/x", "X").file("d2/y", "Y");
+    l.upper.file("b", "B");
+    let m = StrataMount::mount(&l);
+    renameat2(&m.p("a"), &m.p("b"), libc::RENAME_EXCHANGE).expect("EXCHANGE lower and upper file");
+    assert_eq!(read_string(&m.p("a")), "B");
+    assert_eq!(read_string(&m.p("b")), "A");
+    renameat2(&m.p("d1"), &m.p("d2"), libc::RENAME_EXCHANGE).expect("EXCHANGE two lower dirs");
+    assert_eq!(ls(&m.p("d1")), ["y"]);
+    assert_eq!(ls(&m.p("d2")), ["x"]);
+    assert_errno(
+        renameat2(&m.p("a"), &m.p("missing"), libc::RENAME_EXCHANGE),
+        libc::ENOENT,
+        "EXCHANGE with a missing name",
+    );
+    assert_eq!(read_string(&l.lower(0).p("a")), "A", "lower untouched");
+}
+
+// ---------------------------------------------------------------------------
+// Hard links and inode numbers
+// ---------------------------------------------------------------------------
+
+#[test]
+fn lower_hard_links_are_one_inode_and_stay_linked_after_copy_up() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "one").hardlink("a", "sub/b");
+    let m = StrataMount::mount(&l);
+    let (a, b) = (fs::metadata(m.p("a")).unwrap(), fs::metadata(m.p("sub/b")).unwrap());
+    assert_eq!(a.ino(), b.ino(), "lower hard links must show one st_ino");
+    assert_eq!(a.nlink(), 2, "st_nlink of a lower hard link");
+    append(&m.p("a"), b" two").expect("write via a");
+    assert_eq!(read_string(&m.p("sub/b")), "one two", "write via a must be seen via b");
+    let (a2, b2) = (fs::metadata(m.p("a")).unwrap(), fs::metadata(m.p("sub/b")).unwrap());
+    assert_eq!(a2.ino(), b2.ino(), "still one inode after copy-up");
+    assert_eq!(a2.ino(), a.ino(), "st_ino unchanged by copy-up");
+    assert_eq!(a2.nlink(), 2);
+    append(&m.p("sub/b"), b" three").expect("write via b");
+    assert_eq!(read_string(&m.p("a")), "one two three");
+    assert_eq!(read_string(&l.lower(0).p("a")), "one", "lower untouched");
+}
+
+fn inode_map(m: &StrataMount, names: &[&str]) -> Vec<(String, u64)> {
+    names.iter().map(|n| (n.to_string(), fs::symlink_metadata(m.p(n)).unwrap().ino())).collect()
+}
+
+#[test]
+fn inode_numbers_stable_across_copy_up_rename_and_remount() {
+    let l = Layers::new(2);
+    l.lower(1).file("bottom", "b").file("d/x", "x").dir("dd/sub");
+    l.lower(0).file("top", "t").symlink("link", "top");
+    l.upper.file("up", "u");
+    let names = ["bottom", "top", "link", "up", "d", "d/x", "dd", "dd/sub", ""];
+    let m = StrataMount::mount(&l);
+    let before = inode_map(&m, &names);
+    let mut seen: Vec<u64> = before.iter().map(|(_, i)| *i).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), names.len(), "distinct entries need distinct st_ino: {before:?}");
+    // Copy-ups.
+    append(&m.p("bottom"), b"!").unwrap();
+    fs::set_permissions(m.p("top"), fs::Permissions::from_mode(0o600)).unwrap();
+    append(&m.p("d/x"), b"!").unwrap();
+    lsetxattr(&m.p("dd"), "user.x", b"1").unwrap();
+    let after = inode_map(&m, &names);
+    assert_eq!(before, after, "st_ino must not change on copy-up");
+    // Rename keeps the inode.
+    let top_ino = fs::metadata(m.p("top")).unwrap().ino();
+    fs::rename(m.p("top"), m.p("top2")).unwrap();
+    assert_eq!(fs::metadata(m.p("top2")).unwrap().ino(), top_ino, "st_ino must not change on rename");
+    fs::rename(m.p("top2"), m.p("top")).unwrap();
+    m.umount();
+    let m = StrataMount::mount(&l);
+    let again = inode_map(&m, &names);
+    assert_eq!(before, again, "st_ino must be the same after a remount");
+}
+
+// ---------------------------------------------------------------------------
+// Creating things
+// ---------------------------------------------------------------------------
+
+#[test]
+fn create_mknod_symlink_readlink_link() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/existing", "e");
+    let m = StrataMount::mount(&l);
+    // create with O_CREAT|O_EXCL
+    {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(m.p("d/new")).expect("create");
+        f.write_all(b"fresh").unwrap();
+    }
+    assert_errno(
+        fs::OpenOptions::new().write(true).create_new(true).open(m.p("d/existing")),
+        libc::EEXIST,
+        "O_EXCL on a lower file",
+    );
+    let nm = fs::metadata(m.p("d/new")).unwrap();
+    assert_eq!(nm.mode() & 0o7777, 0o600);
+    assert_eq!(read_string(&l.upper.p("d/new")), "fresh");
+    // fifo
+    mkfifo(&m.p("d/fifo"), 0o640).expect("mkfifo");
+    assert!(fs::symlink_metadata(m.p("d/fifo")).unwrap().file_type().is_fifo());
+    assert!(fs::symlink_metadata(l.upper.p("d/fifo")).unwrap().file_type().is_fifo(), "fifo in upper");
+    // char device (root)
+    mknod(&m.p("d/null"), libc::S_IFCHR, 0o666, 1, 3).expect("mknod char 1:3");
+    let cm = fs::symlink_metadata(m.p("d/null")).unwrap();
+    assert!(cm.file_type().is_char_device());
+    assert_eq!(cm.rdev(), libc::makedev(1, 3));
+    // symlink + readlink
+    std::os::unix::fs::symlink("../d/existing", m.p("d/sym")).expect("symlink");
+    assert_eq!(fs::read_link(m.p("d/sym")).unwrap(), Path::new("../d/existing"));
+    assert_eq!(fs::read_link(l.upper.p("d/sym")).unwrap(), Path::new("../d/existing"));
+    assert_eq!(read_string(&m.p("d/sym")), "e", "following a symlink inside the mount");
+    assert!(fs::symlink_metadata(m.p("d/sym")).unwrap().file_type().is_symlink());
+    // link of a new file
+    fs::hard_link(m.p("d/new"), m.p("new-link")).expect("link");
+    let (a, b) = (fs::metadata(m.p("d/new")).unwrap(), fs::metadata(m.p("new-link")).unwrap());
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(b.nlink(), 2);
+    // mkdir
+    fs::create_dir(m.p("d/newdir")).expect("mkdir");
+    assert_errno(fs::create_dir(m.p("d")), libc::EEXIST, "mkdir over a lower dir");
+    assert_eq!(ls(&m.p("d")), ["existing", "fifo", "new", "newdir", "null", "sym"]);
+    // fsync of files and dirs
+    fs::File::open(m.p("d/new")).unwrap().sync_all().expect("fsync");
+    fs::File::open(m.p("d")).unwrap().sync_all().expect("fsyncdir");
+}
+
+#[test]
+fn o_tmpfile_then_link() {
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    let m = StrataMount::mount(&l);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(m.p("d"))
+        .expect("O_TMPFILE");
+    f.write_all(b"tmp").unwrap();
+    assert_eq!(ls(&m.p("d")), Vec::<String>::new(), "an O_TMPFILE file has no name");
+    let src = cpath(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())));
+    let dst = cpath(&m.p("d/named"));
+    // SAFETY: valid C strings.
+    let r =
+        unsafe { libc::linkat(libc::AT_FDCWD, src.as_ptr(), libc::AT_FDCWD, dst.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    assert_eq!(r, 0, "linkat of an O_TMPFILE: {}", std::io::Error::last_os_error());
+    assert_eq!(read_string(&m.p("d/named")), "tmp");
+}
+
+#[test]
+fn fallocate_and_punch_hole() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "0123456789");
+    let m = StrataMount::mount(&l);
+    let f = fs::OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    assert_eq!(fs::metadata(m.p("f")).unwrap().len(), 1 << 20);
+    assert_eq!(fs::metadata(l.upper.p("f")).unwrap().len(), 1 << 20, "fallocate goes to the upper copy");
+    assert!(fs::metadata(l.upper.p("f")).unwrap().blocks() * 512 >= 1 << 20, "space must be allocated");
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 4 << 20) };
+    assert_eq!(r, 0, "fallocate KEEP_SIZE: {}", std::io::Error::last_os_error());
+    assert_eq!(fs::metadata(m.p("f")).unwrap().len(), 1 << 20, "KEEP_SIZE must not grow the file");
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 2, 4) };
+    assert_eq!(r, 0, "punch hole: {}", std::io::Error::last_os_error());
+    let data = fs::read(m.p("f")).unwrap();
+    assert_eq!(&data[..10], b"01\0\0\0\x006789");
+    assert_eq!(read_string(&l.lower(0).p("f")), "0123456789");
+}
+
+#[test]
+fn lseek_data_and_hole() {
+    const MIB: u64 = 1 << 20;
+    let l = Layers::new(1);
+    l.lower(0).sparse("s", 16 * MIB, &[(0, &[7u8; 4096]), (8 * MIB, &[9u8; 4096])]);
+    let m = StrataMount::mount(&l);
+    let check = |what: &str| {
+        let f = fs::File::open(m.p("s")).unwrap();
+        let fd = f.as_raw_fd();
+        // SAFETY: valid fd.
+        let seek = |off: u64, whence| unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        assert_eq!(seek(0, libc::SEEK_HOLE), 4096, "{what}: first hole");
+        assert_eq!(seek(4096, libc::SEEK_DATA), (8 * MIB) as i64, "{what}: next data");
+        assert_eq!(seek(8 * MIB, libc::SEEK_HOLE), (8 * MIB + 4096) as i64, "{what}: hole after data");
+        assert_eq!(seek(0, libc::SEEK_DATA), 0, "{what}: data at 0");
+        let r = seek(8 * MIB + 8192, libc::SEEK_DATA);
+        assert_eq!(r, -1, "{what}: no data after the last extent");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENXIO),
+            "{what}: ENXIO past the last data"
+        );
+    };
+    check("lower file");
+    fs::OpenOptions::new().write(true).open(m.p("s")).unwrap().sync_all().unwrap();
+    assert!(l.upper.p("s").is_file());
+    check("copied-up file");
+}
+
+#[test]
+fn statfs_reports_upper_filesystem() {
+    let l = Layers::new(1);
+    let m = StrataMount::mount(&l);
+    let sm = statvfs(&m.p("")).expect("statvfs mount");
+    let su = statvfs(&l.upper.path).expect("statvfs upper");
+    let total = |s: &libc::statvfs| s.f_blocks as u128 * s.f_frsize as u128;
+    assert_eq!(total(&sm), total(&su), "total size must be the upper filesystem's");
+    assert!(sm.f_bavail > 0 && sm.f_bfree >= sm.f_bavail, "free space: {} {}", sm.f_bfree, sm.f_bavail);
+    assert!(sm.f_namemax >= 255, "f_namemax {}", sm.f_namemax);
+    assert!(sm.f_files > 0, "f_files");
+}
+
+#[test]
+fn xattr_set_get_list_remove() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "x").xattr("f", "user.low", b"L").dir("d");
+    let m = StrataMount::mount(&l);
+    let f = m.p("f");
+    assert_eq!(lgetxattr(&f, "user.low").unwrap(), b"L");
+    lsetxattr(&f, "user.a", b"1").expect("setxattr user.a");
+    lsetxattr(&f, "user.big", &[0xabu8; 3000]).expect("setxattr 3000 bytes");
+    lsetxattr(&f, "trusted.t", b"T").expect("setxattr trusted.t as root");
+    assert_eq!(lgetxattr(&f, "user.a").unwrap(), b"1");
+    assert_eq!(lgetxattr(&f, "user.big").unwrap(), vec![0xabu8; 3000]);
+    let names = llistxattr(&f).unwrap();
+    for n in ["trusted.t", "user.a", "user.big", "user.low"] {
+        assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
+    }
+    lremovexattr(&f, "user.low").expect("remove a lower xattr");
+    lremovexattr(&f, "user.a").expect("remove a new xattr");
+    assert_errno(lgetxattr(&f, "user.low"), libc::ENODATA, "removed lower xattr");
+    assert_errno(lgetxattr(&f, "user.nothere"), libc::ENODATA, "missing xattr");
+    assert_errno(lremovexattr(&f, "user.nothere"), libc::ENODATA, "remove missing xattr");
+    assert!(!llistxattr(&f).unwrap().contains(&"user.low".to_string()));
+    assert_eq!(lgetxattr(&l.lower(0).p("f"), "user.low").unwrap(), b"L", "lower untouched");
+    // On a directory too.
+    lsetxattr(&m.p("d"), "user.dx", b"D").expect("setxattr on a lower dir");
+    assert_eq!(lgetxattr(&m.p("d"), "user.dx").unwrap(), b"D");
+    assert_eq!(lgetxattr(&l.upper.p("d"), "user.dx").unwrap(), b"D");
+    // XATTR_CREATE on an existing name.
+    let (p, n) = (cpath(&f), std::ffi::CString::new("user.big").unwrap());
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), b"z".as_ptr().cast(), 1, libc::XATTR_CREATE) };
+    assert_eq!(
+        (r, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EEXIST)),
+        "XATTR_CREATE on an existing xattr"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Read-only mounts, reserved names
+// ---------------------------------------------------------------------------
+
+#[test]
+fn read_only_mount_without_upper_gives_erofs() {
+    let l = Layers::new(2);
+    l.lower(1).file("f", "x").file("d/a", "a");
+    l.lower(0).file("g", "y").xattr("g", "user.x", b"1");
+    let m = StrataMount::mount_ro(&l);
+    assert_eq!(read_string(&m.p("f")), "x", "reads work");
+    assert_eq!(ls(&m.p("")), ["d", "f", "g"]);
+    assert_errno(fs::OpenOptions::new().write(true).open(m.p("f")), libc::EROFS, "open for write");
+    assert_errno(fs::OpenOptions::new().append(true).open(m.p("g")), libc::EROFS, "open for append");
+    assert_errno(fs::write(m.p("new"), "n"), libc::EROFS, "create");
+    assert_errno(fs::create_dir(m.p("newdir")), libc::EROFS, "mkdir");
+    assert_errno(fs::remove_file(m.p("f")), libc::EROFS, "unlink");
+    assert_errno(fs::remove_dir(m.p("d")), libc::EROFS, "rmdir");
+    assert_errno(fs::rename(m.p("f"), m.p("f2")), libc::EROFS, "rename");
+    assert_errno(fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o600)), libc::EROFS, "chmod");
+    assert_errno(lsetxattr(&m.p("g"), "user.y", b"2"), libc::EROFS, "setxattr");
+    assert_errno(std::os::unix::fs::symlink("f", m.p("s")), libc::EROFS, "symlink");
+    assert_errno(fs::hard_link(m.p("f"), m.p("h")), libc::EROFS, "link");
+    assert_errno(mkfifo(&m.p("p"), 0o644), libc::EROFS, "mkfifo");
+    let c = cpath(&m.p("f"));
+    // SAFETY: valid C string.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EROFS)), "access(W_OK)");
+    assert_eq!(read_string(&l.lower(1).p("f")), "x");
+}
+
+#[test]
+fn names_starting_with_wh_cannot_be_created() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "x").dir("d");
+    let m = StrataMount::mount(&l);
+    assert!(fs::write(m.p(".wh.f"), "").is_err(), "creating .wh.f must fail");
+    assert!(fs::write(m.p("d/.wh..wh..opq"), "").is_err(), "creating .wh..wh..opq must fail");
+    assert!(fs::create_dir(m.p(".wh.dir")).is_err(), "mkdir .wh.dir must fail");
+    assert!(std::os::unix::fs::symlink("f", m.p(".wh.sym")).is_err(), "symlink .wh.sym must fail");
+    assert!(mkfifo(&m.p(".wh.fifo"), 0o644).is_err(), "mkfifo .wh.fifo must fail");
+    assert!(fs::rename(m.p("f"), m.p(".wh.g")).is_err(), "rename to .wh.g must fail");
+    assert!(fs::hard_link(m.p("f"), m.p(".wh.h")).is_err(), "link to .wh.h must fail");
+    assert_eq!(ls(&m.p("")), ["d", "f"], "nothing may appear, and f must still be there");
+    assert_eq!(ls(&m.p("d")), Vec::<String>::new());
+    let in_upper: Vec<String> = ls(&l.upper.path).into_iter().filter(|n| n.starts_with(".wh.")).collect();
+    assert!(in_upper.is_empty(), "no .wh.* in upper: {in_upper:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Ownership and permissions
+// ---------------------------------------------------------------------------
+
+#[test]
+fn new_files_owned_by_caller_with_setgid_inheritance() {
+    let l = Layers::new(1);
+    l.lower(0).dir("pub").mode("pub", 0o777).dir("sg").owner("sg", 0, 2000).mode("sg", 0o2777);
+    let m = StrataMount::mount(&l);
+    let mp = m.p("").display().to_string();
+    let o = sh_as_user(
+        1000,
+        1000,
+        &format!("touch {mp}/pub/f && mkdir {mp}/pub/dd && touch {mp}/sg/f && mkdir {mp}/sg/dd && ln -s x {mp}/pub/s"),
+    );
+    assert!(o.success(), "creating as uid 1000 failed: {o:?}");
+    for (rel, uid, gid) in [
+        ("pub/f", 1000, 1000),
+        ("pub/dd", 1000, 1000),
+        ("pub/s", 1000, 1000),
+        ("sg/f", 1000, 2000),
+        ("sg/dd", 1000, 2000),
+    ] {
+        let md = fs::symlink_metadata(m.p(rel)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (uid, gid), "owner of {rel} through the mount");
+        let um = fs::symlink_metadata(l.upper.p(rel)).unwrap();
+        assert_eq!((um.uid(), um.gid()), (uid, gid), "owner of {rel} in the upper");
+    }
+    assert_eq!(fs::metadata(m.p("sg/dd")).unwrap().mode() & 0o2000, 0o2000, "a dir made in a setgid dir is setgid");
+    assert_eq!(fs::metadata(m.p("pub/dd")).unwrap().mode() & 0o2000, 0, "no setgid outside");
+    // Permission checks apply to other users.
+    let o = sh_as_user(1000, 1000, &format!("touch {mp}/newfile"));
+    assert!(!o.success(), "uid 1000 must not create in the root-owned 0755 root dir");
+    assert!(absent(&m.p("newfile")));
+}
+
+#[test]
+fn write_by_non_owner_clears_suid_and_sgid() {
+    let l = Layers::new(1);
+    l.lower(0).file_mode("prog", "#!/bin/sh\n", 0o6777);
+    let m = StrataMount::mount(&l);
+    let o = sh_as_user(1000, 1000, &format!("echo more >> {}", m.p("prog").display()));
+    assert!(o.success(), "write as uid 1000: {o:?}");
+    let md = fs::metadata(m.p("prog")).unwrap();
+    assert_eq!(md.mode() & 0o6000, 0, "suid/sgid must be cleared by a write from a non-owner, mode {:o}", md.mode());
+    assert_eq!(read_string(&m.p("prog")), "#!/bin/sh\nmore\n");
+    assert_eq!(fs::metadata(l.lower(0).p("prog")).unwrap().mode() & 0o7777, 0o6777, "lower untouched");
+}
+
+#[test]
+fn other_users_can_read_the_mount() {
+    let l = Layers::new(1);
+    l.lower(0).file_mode("f", "readable", 0o644).file_mode("secret", "no", 0o600);
+    let m = StrataMount::mount(&l);
+    let o = sh_as_user(1000, 1000, &format!("cat {}", m.p("f").display()));
+    assert!(o.success(), "uid 1000 reading a 0644 file (allow_other): {o:?}");
+    assert_eq!(o.stdout, "readable");
+    let o = sh_as_user(1000, 1000, &format!("cat {}", m.p("secret").display()));
+    assert!(!o.success(), "uid 1000 must not read a 0600 root file (default_permissions)");
+}
+
+// ---------------------------------------------------------------------------
+// Security: symlinks inside layers are never followed while resolving
+// ---------------------------------------------------------------------------
+
+#[test]
+fn symlink_in_lower_is_not_followed_when_a_higher_layer_has_a_dir() {
+    let l = Layers::new(2);
+    l.lower(1).symlink("d", "/etc");
+    l.lower(0).file("d/mine", "m");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("d")), ["mine"], "listing d must show only the higher layer's entries, never /etc");
+    assert_errno(fs::symlink_metadata(m.p("d/passwd")), libc::ENOENT, "d/passwd");
+    assert_errno(fs::symlink_metadata(m.p("d/hostname")), libc::ENOENT, "d/hostname");
+}
+
+#[test]
+fn symlink_path_component_in_lower_is_never_followed() {
+    let l = Layers::new(2);
+    let marker = format!("strata-escape-{}", l.root().file_name().unwrap().to_string_lossy());
+    // Bottom: `a` -> `/`, so a careless `lower1/a/etc` would be the host's /etc.
+    l.lower(1).symlink("a", "/");
+    l.lower(1).symlink("b", "/etc");
+    l.lower(0).file("a/etc/only-here", "1").dir("b/sub");
+    let m = StrataMount::mount(&l);
+    assert_eq!(ls(&m.p("a")), ["etc"]);
+    assert_eq!(ls(&m.p("a/etc")), ["only-here"], "a/etc must not merge with the host's /etc");
+    assert_errno(fs::symlink_metadata(m.p("a/etc/passwd")), libc::ENOENT, "a/etc/passwd");
+    assert_eq!(ls(&m.p("b")), ["sub"]);
+    // Writes in such a dir go to the upper, never to the host.
+    fs::write(m.p(&format!("a/etc/{marker}")), "x").expect("create");
+    fs::write(m.p(&format!("b/{marker}")), "x").expect("create");
+    assert!(absent(&Path::new("/etc").join(&marker)), "a create escaped into the host's /etc");
+    assert!(l.upper.p(&format!("a/etc/{marker}")).is_file());
+    assert!(l.upper.p(&format!("b/{marker}")).is_file());
+    // The symlinks themselves are still ordinary symlinks where they are on top.
+    assert!(fs::symlink_metadata(l.lower(1).p("a")).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn symlink_as_whole_entry_is_shown_not_followed() {
+    let l = Layers::new(1);
+    l.lower(0).symlink("etc-link", "/etc").file("real", "r");
+    let m = StrataMount::mount(&l);
+    let md = fs::symlink_metadata(m.p("etc-link")).unwrap();
+    assert!(md.file_type().is_symlink(), "a symlink entry must be a symlink through the mount");
+    assert_eq!(fs::read_link(m.p("etc-link")).unwrap(), Path::new("/etc"));
+    // chown -h of the symlink copies it up as a symlink, never its target.
+    lchown(&m.p("etc-link"), 5, 5).expect("lchown");
+    assert!(fs::symlink_metadata(l.upper.p("etc-link")).unwrap().file_type().is_symlink());
+    assert_eq!(fs::symlink_metadata(l.upper.p("etc-link")).unwrap().uid(), 5);
+    assert_ne!(fs::metadata("/etc").unwrap().uid(), 5, "the host's /etc must not be chowned");
+}
