@@ -69,7 +69,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         }
     }
 
-    let pid_file = write_pid_file(&config.mountpoint);
+    let record = write_record(&config);
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
     std::thread::spawn(move || {
@@ -83,7 +83,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     });
     let result = session.run();
     fs.sync();
-    if let Some(path) = pid_file {
+    if let Some(path) = record {
         let _ = std::fs::remove_file(path);
     }
     result.map_err(|err| format!("serving the mount failed: {err}"))
@@ -113,9 +113,10 @@ fn mount_options(config: &MountConfig, read_only: bool) -> Vec<MountOption> {
     options
 }
 
-/// Where the daemon of a mount records its pid: keyed by the mount's device
-/// number, which is unique while it is mounted.
-fn pid_dir() -> PathBuf {
+/// Where live mounts are recorded: one file per mount, named by the
+/// mount's device number (unique while it is mounted), so `strata umount`,
+/// `strata diff MOUNTPOINT` and friends can find the daemon and its layers.
+fn record_dir() -> PathBuf {
     if sys::geteuid() == 0 {
         PathBuf::from("/run/strata")
     } else {
@@ -125,16 +126,73 @@ fn pid_dir() -> PathBuf {
     }
 }
 
-fn pid_file_for(mountpoint: &Path) -> Option<PathBuf> {
-    let mount =
-        config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
-    Some(pid_dir().join(format!("{}.pid", mount.device.replace(':', "-"))))
+fn record_path(mountpoint: &Path) -> Option<PathBuf> {
+    let mount = config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
+    Some(record_dir().join(format!("{}.mount", mount.device.replace(':', "-"))))
 }
 
-fn write_pid_file(mountpoint: &Path) -> Option<PathBuf> {
-    let path = pid_file_for(mountpoint)?;
+/// What a running daemon serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountRecord {
+    pub pid: i32,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    /// Topmost first.
+    pub lowers: Vec<PathBuf>,
+}
+
+impl MountRecord {
+    /// One `key path` line each; paths are absolute and a newline in one
+    /// is written as `\n`.
+    fn to_text(&self) -> String {
+        let escape = |p: &Path| p.to_string_lossy().replace('\\', "\\\\").replace('\n', "\\n");
+        let mut text = format!("pid {}\n", self.pid);
+        if let Some(upper) = &self.upper {
+            text += &format!("upper {}\n", escape(upper));
+        }
+        if let Some(work) = &self.work {
+            text += &format!("work {}\n", escape(work));
+        }
+        for lower in &self.lowers {
+            text += &format!("lower {}\n", escape(lower));
+        }
+        text
+    }
+
+    fn from_text(text: &str) -> Option<Self> {
+        let unescape = |s: &str| PathBuf::from(s.replace("\\n", "\n").replace("\\\\", "\\"));
+        let mut record = MountRecord { pid: 0, upper: None, work: None, lowers: Vec::new() };
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ')?;
+            match key {
+                "pid" => record.pid = value.parse().ok()?,
+                "upper" => record.upper = Some(unescape(value)),
+                "work" => record.work = Some(unescape(value)),
+                "lower" => record.lowers.push(unescape(value)),
+                _ => {}
+            }
+        }
+        (record.pid > 0).then_some(record)
+    }
+
+    /// The record of the Strata mount at `mountpoint`, if it is one.
+    pub fn find(mountpoint: &Path) -> Option<Self> {
+        let mountpoint = std::fs::canonicalize(mountpoint).ok()?;
+        let text = std::fs::read_to_string(record_path(&mountpoint)?).ok()?;
+        Self::from_text(&text)
+    }
+}
+
+fn write_record(config: &MountConfig) -> Option<PathBuf> {
+    let path = record_path(&config.mountpoint)?;
+    let record = MountRecord {
+        pid: std::process::id() as i32,
+        upper: config.upper.clone(),
+        work: config.work.clone(),
+        lowers: config.lowers.clone(),
+    };
     std::fs::create_dir_all(path.parent()?).ok()?;
-    std::fs::write(&path, format!("{}\n", std::process::id())).ok()?;
+    std::fs::write(&path, record.to_text()).ok()?;
     Some(path)
 }
 
@@ -149,9 +207,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
         }
         _ => {}
     }
-    let daemon = pid_file_for(&mountpoint)
-        .and_then(|path| std::fs::read_to_string(path).ok())
-        .and_then(|text| text.trim().parse::<i32>().ok());
+    let daemon = MountRecord::find(&mountpoint).map(|record| record.pid);
     if sys::geteuid() == 0 {
         sys::umount(&mountpoint, false).map_err(|err| format!("cannot unmount {}: {err}", mountpoint.display()))?;
     } else {

@@ -308,6 +308,8 @@ fn strata_umount_leaves_no_daemon() {
         "daemon still running after strata umount: {:?}",
         daemon_pids(&mnt)
     );
+    let o = run(Command::new("pgrep").arg("-a").arg("-f").arg(&mnt), Duration::from_secs(10));
+    assert_eq!(o.status.and_then(|s| s.code()), Some(1), "pgrep -f finds processes with the mount point: {}", o.stdout);
 }
 
 fn check_external_unmount(cmd: &str) {

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -81,6 +81,7 @@ fn kill_9_during_large_copy_up_leaves_no_partial_file() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
+    let copy_up_running = dd.try_wait().unwrap().is_none();
     // SAFETY: kill(2) of the daemon this test started.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
     let dd_done = wait_for(Duration::from_secs(30), || dd.try_wait().unwrap().is_some());
@@ -94,6 +95,10 @@ fn kill_9_during_large_copy_up_leaves_no_partial_file() {
     assert!(dd_done, "dd hung after the daemon was killed");
 
     let up = l.upper.p("big");
+    eprintln!(
+        "dd still running when the daemon was killed: {copy_up_running}; upper/big after the kill: {:?}",
+        fs::symlink_metadata(&up).map(|m| m.len())
+    );
     match fs::symlink_metadata(&up) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => panic!("stat upper/big: {e}"),
