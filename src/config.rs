@@ -387,3 +387,52 @@ fn unescape_mountinfo(field: &str) -> String {
 pub fn is_mount_point(path: &Path) -> bool {
     mounts().iter().any(|m| m.mountpoint == path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_at_commas_but_not_inside_quotes_and_drop_empty_items() {
+        assert_eq!(
+            split_options(r#"lowerdir=/a:/b,,upperdir=/u,context="system_u:object_r:c,s0",volatile,"#),
+            vec!["lowerdir=/a:/b", "upperdir=/u", r#"context="system_u:object_r:c,s0""#, "volatile"]
+        );
+        assert_eq!(split_options(""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn lowerdir_splits_at_colons_with_escapes() {
+        assert_eq!(
+            split_lowerdir(r"/top:/with\:colon:/back\\slash:/bottom"),
+            vec![
+                PathBuf::from("/top"),
+                PathBuf::from("/with:colon"),
+                PathBuf::from(r"/back\slash"),
+                PathBuf::from("/bottom")
+            ]
+        );
+    }
+
+    #[test]
+    fn options_are_applied_and_unknown_ones_rejected() {
+        let mut config = MountConfig::default();
+        for item in ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "fsync=0", "uidmapping=:0:100000:65536", "timeout=2.5"] {
+            config.apply_option(item).unwrap();
+        }
+        assert_eq!(config.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(config.upper, Some(PathBuf::from("/u")));
+        assert!(!config.fsync);
+        assert_eq!(config.timeout, Duration::from_millis(2500));
+        assert_eq!(config.ignored, vec!["uidmapping=:0:100000:65536".to_string()]);
+        let err = config.apply_option("frobnicate").unwrap_err();
+        assert_eq!(err.to_string(), "unknown option: frobnicate");
+        assert!(config.apply_option("fsync=2").is_err());
+        assert!(config.apply_option("lowerdir").is_err());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/mnt/with\040space\134x"), r"/mnt/with space\x");
+    }
+}
