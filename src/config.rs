@@ -417,7 +417,9 @@ mod tests {
     #[test]
     fn options_are_applied_and_unknown_ones_rejected() {
         let mut config = MountConfig::default();
-        for item in ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "fsync=0", "uidmapping=:0:100000:65536", "timeout=2.5"] {
+        for item in
+            ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "fsync=0", "uidmapping=:0:100000:65536", "timeout=2.5"]
+        {
             config.apply_option(item).unwrap();
         }
         assert_eq!(config.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);

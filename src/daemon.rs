@@ -21,6 +21,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     for option in &config.ignored {
         log::warn!("option {option} is accepted but not implemented; ignoring it");
     }
+    sys::raise_fd_limit();
     let namespace = if sys::geteuid() == 0 { XattrNamespace::Trusted } else { XattrNamespace::User };
     let stack = LayerStack::open(config.upper.as_deref(), &config.lowers, namespace)
         .map_err(|err| format!("cannot open the layers: {err}"))?;
@@ -127,7 +128,8 @@ fn record_dir() -> PathBuf {
 }
 
 fn record_path(mountpoint: &Path) -> Option<PathBuf> {
-    let mount = config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
+    let mount =
+        config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
     Some(record_dir().join(format!("{}.mount", mount.device.replace(':', "-"))))
 }
 

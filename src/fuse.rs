@@ -147,7 +147,16 @@ impl Filesystem for StrataFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(parent.0, name));
+        match self.fs.lookup(parent.0, name) {
+            // A negative entry (inode 0) lets the kernel cache "no such
+            // name" too; creating it through the mount replaces it.
+            Err(Errno::ENOENT) => {
+                let mut none = crate::sys::empty_stat();
+                none.st_mode = libc::S_IFREG;
+                reply.entry_with_ttls(&self.ttl, &self.ttl, &attr(&none), Generation(0));
+            }
+            result => self.entry(reply, result),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

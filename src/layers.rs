@@ -9,6 +9,10 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -121,6 +125,34 @@ pub struct LayerStack {
     pub namespace: XattrNamespace,
     /// Distinct devices of the layers, for mixing them into inode numbers.
     devices: Vec<u64>,
+    /// Lower layers never change while mounted, so their directory
+    /// descriptors and listings are kept (most recently used first).
+    lower_dirs: Mutex<LruCache<(LayerId, PathBuf), Arc<OwnedFd>>>,
+    lower_listings: Mutex<LruCache<(LayerId, PathBuf), Arc<LayerListing>>>,
+}
+
+/// What one layer's copy of a directory lists, whiteouts already read.
+struct LayerListing {
+    /// Visible entries of this layer.
+    entries: Vec<ListEntry>,
+    /// Names this layer hides from itself and the layers below (whiteout
+    /// entries: char 0/0 or xattr whiteouts).
+    hidden: Vec<OsString>,
+    /// Names this layer hides from the layers below only (OCI `.wh.NAME`).
+    hidden_below: Vec<OsString>,
+}
+
+/// How many lower directory descriptors stay open.
+const LOWER_DIR_CACHE: usize = 2048;
+/// How many lower directory listings are kept.
+const LOWER_LISTING_CACHE: usize = 512;
+
+fn lru<K: std::hash::Hash + Eq, V>(capacity: usize) -> Mutex<LruCache<K, V>> {
+    Mutex::new(LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl LayerStack {
@@ -139,7 +171,14 @@ impl LayerStack {
                 devices.push(layer.dev);
             }
         }
-        Ok(LayerStack { layers, has_upper: upper.is_some(), namespace, devices })
+        Ok(LayerStack {
+            layers,
+            has_upper: upper.is_some(),
+            namespace,
+            devices,
+            lower_dirs: lru(LOWER_DIR_CACHE),
+            lower_listings: lru(LOWER_LISTING_CACHE),
+        })
     }
 
     pub fn upper(&self) -> Option<LayerId> {
@@ -173,6 +212,20 @@ impl LayerStack {
     /// Open a directory of a layer (O_PATH unless `flags` says otherwise).
     pub fn open_dir(&self, layer: LayerId, path: &Path, flags: i32) -> SysResult<OwnedFd> {
         sys::open_beneath(self.layers[layer].root.as_fd(), path, flags | libc::O_DIRECTORY)
+    }
+
+    /// An O_PATH descriptor of a directory of a layer; cached for lowers.
+    pub fn dir_handle(&self, layer: LayerId, path: &Path) -> SysResult<Arc<OwnedFd>> {
+        if self.is_upper(layer) {
+            return self.open_dir(layer, path, libc::O_PATH).map(Arc::new);
+        }
+        let key = (layer, path.to_owned());
+        if let Some(fd) = lock(&self.lower_dirs).get(&key) {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(self.open_dir(layer, path, libc::O_PATH)?);
+        lock(&self.lower_dirs).put(key, fd.clone());
+        Ok(fd)
     }
 
     /// The sources of the merged root: every layer's root down to the first
@@ -257,7 +310,7 @@ impl LayerStack {
 
     /// What layer `layer` holds as `name` in its directory `dir_path`.
     fn probe(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Probe> {
-        let dir = match self.open_dir(layer, dir_path, libc::O_PATH) {
+        let dir = match self.dir_handle(layer, dir_path) {
             Ok(dir) => dir,
             // The directory is not in this layer, or a symlink stands where a
             // directory should be: a symlink is never followed.
@@ -275,25 +328,21 @@ impl LayerStack {
         if self.is_whiteout(dir, name, &stat)? {
             return Ok(Probe::Whiteout);
         }
-        let xattrs = XattrTarget::new(dir, name)?;
-        let origin = if self.is_upper(layer) { self.read_origin(&xattrs) } else { None };
-        if stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if !is_dir && !self.is_upper(layer) {
+            return Ok(Probe::Entry { stat, opaque: false, redirect: None, origin: None });
+        }
+        let marks = Marks::read(&XattrTarget::new(dir, name)?, self.namespace)?;
+        let origin = if self.is_upper(layer) { marks.origin } else { None };
+        if !is_dir {
             return Ok(Probe::Entry { stat, opaque: false, redirect: None, origin });
         }
-        let opaque = self.dir_is_opaque(dir, name, &xattrs)
+        let opaque = marks.opaque
+            || sys::open_beneath(dir, &Path::new(name).join(OPAQUE_MARKER), libc::O_PATH).is_ok()
             // OCI: a whiteout beside a directory of the same layer hides the
             // lower copies of it.
             || self.has_oci_whiteout(dir, name)?;
-        let redirect = match xattrs.get_opt(&XattrNamespace::Trusted.overlay("redirect"))? {
-            Some(value) => Some(value),
-            None => xattrs.get_opt(&XattrNamespace::User.overlay("redirect"))?,
-        };
-        Ok(Probe::Entry { stat, opaque, redirect, origin })
-    }
-
-    fn read_origin(&self, xattrs: &XattrTarget<'_>) -> Option<u64> {
-        let value = xattrs.get_opt(&self.namespace.strata("origin")).ok().flatten()?;
-        Some(u64::from_le_bytes(value.try_into().ok()?))
+        Ok(Probe::Entry { stat, opaque, redirect: marks.redirect, origin })
     }
 
     fn has_oci_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<bool> {
@@ -328,15 +377,6 @@ impl LayerStack {
         }
     }
 
-    /// Whether the directory `name` in `dir` is opaque in any dialect.
-    fn dir_is_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr, xattrs: &XattrTarget<'_>) -> bool {
-        if opaque_by_xattr(xattrs) {
-            return true;
-        }
-        let marker = Path::new(name).join(OPAQUE_MARKER);
-        sys::open_beneath(dir, &marker, libc::O_PATH).is_ok()
-    }
-
     fn dir_is_opaque_fd(&self, dir: BorrowedFd<'_>) -> bool {
         opaque_by_xattr(&XattrTarget::fd(dir)) || sys::exists_at(dir, OsStr::new(OPAQUE_MARKER)).unwrap_or(false)
     }
@@ -347,56 +387,107 @@ impl LayerStack {
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut entries = Vec::new();
         for source in sources {
-            let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
-                Err(err) => return Err(err),
-            };
-            let dir = sys::dup(fd.as_fd())?;
-            let raw = sys::read_dir(fd)?;
-            // Whiteouts of this layer hide names of the layers below only.
-            let mut hidden_below = Vec::new();
-            for entry in raw {
-                let name_bytes = entry.name.as_bytes();
-                if name_bytes.starts_with(WHITEOUT_PREFIX) {
-                    if entry.name != OPAQUE_MARKER {
-                        hidden_below.push(OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]).to_owned());
-                    }
-                    continue;
+            let Some(listing) = self.layer_listing(source)? else { continue };
+            seen.extend(listing.hidden.iter().cloned());
+            for entry in &listing.entries {
+                if seen.insert(entry.name.clone()) {
+                    entries.push(entry.clone());
                 }
-                if seen.contains(&entry.name) {
-                    continue;
-                }
-                let mut kind = entry.kind;
-                let mut ino = entry.ino;
-                let needs_stat =
-                    matches!(kind, libc::DT_CHR | libc::DT_UNKNOWN | libc::DT_REG) || self.is_upper(source.layer);
-                if needs_stat {
-                    let stat = match sys::fstatat(dir.as_fd(), &entry.name) {
-                        Ok(stat) => stat,
-                        Err(Errno::ENOENT) => continue,
-                        Err(err) => return Err(err),
-                    };
-                    kind = dtype_of(stat.st_mode);
-                    let maybe_whiteout = kind == libc::DT_CHR || (kind == libc::DT_REG && stat.st_size == 0);
-                    if maybe_whiteout && self.is_whiteout(dir.as_fd(), &entry.name, &stat)? {
-                        seen.insert(entry.name);
-                        continue;
-                    }
-                    ino = stat.st_ino;
-                }
-                let mut stable = self.stable_ino(source.layer, ino);
-                if self.is_upper(source.layer) {
-                    if let Some(origin) = self.read_origin(&XattrTarget::new(dir.as_fd(), &entry.name)?) {
-                        stable = origin;
-                    }
-                }
-                seen.insert(entry.name.clone());
-                entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
             }
-            seen.extend(hidden_below);
+            seen.extend(listing.hidden_below.iter().cloned());
         }
         Ok(entries)
+    }
+
+    /// One layer's copy of a directory, read (or taken from the cache for
+    /// lower layers); None when the layer has no such directory.
+    fn layer_listing(&self, source: &Source) -> SysResult<Option<Arc<LayerListing>>> {
+        let key = (source.layer, source.path.clone());
+        let cacheable = !self.is_upper(source.layer);
+        if cacheable {
+            if let Some(listing) = lock(&self.lower_listings).get(&key) {
+                return Ok(Some(listing.clone()));
+            }
+        }
+        let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let dir = sys::dup(fd.as_fd())?;
+        let mut listing = LayerListing { entries: Vec::new(), hidden: Vec::new(), hidden_below: Vec::new() };
+        for entry in sys::read_dir(fd)? {
+            let name_bytes = entry.name.as_bytes();
+            if name_bytes.starts_with(WHITEOUT_PREFIX) {
+                if entry.name != OPAQUE_MARKER {
+                    listing.hidden_below.push(OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]).to_owned());
+                }
+                continue;
+            }
+            let mut kind = entry.kind;
+            let mut ino = entry.ino;
+            // Whiteouts are char devices or empty files: only those (and
+            // entries whose type the filesystem does not say) need a stat.
+            // Upper entries do too: a copied-up one keeps its origin inode.
+            let upper = self.is_upper(source.layer);
+            if matches!(kind, libc::DT_CHR | libc::DT_UNKNOWN | libc::DT_REG) || upper {
+                let stat = match sys::fstatat(dir.as_fd(), &entry.name) {
+                    Ok(stat) => stat,
+                    Err(Errno::ENOENT) => continue,
+                    Err(err) => return Err(err),
+                };
+                kind = dtype_of(stat.st_mode);
+                let maybe_whiteout = kind == libc::DT_CHR || (kind == libc::DT_REG && stat.st_size == 0);
+                if maybe_whiteout && self.is_whiteout(dir.as_fd(), &entry.name, &stat)? {
+                    listing.hidden.push(entry.name);
+                    continue;
+                }
+                ino = stat.st_ino;
+            }
+            let mut stable = self.stable_ino(source.layer, ino);
+            if upper {
+                if let Some(origin) = Marks::read(&XattrTarget::new(dir.as_fd(), &entry.name)?, self.namespace)?.origin
+                {
+                    stable = origin;
+                }
+            }
+            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
+        }
+        let listing = Arc::new(listing);
+        if cacheable {
+            lock(&self.lower_listings).put(key, listing.clone());
+        }
+        Ok(Some(listing))
+    }
+}
+
+/// The overlay markers on one entry, read with a single listxattr in the
+/// common case of an entry without any.
+#[derive(Default)]
+struct Marks {
+    opaque: bool,
+    redirect: Option<Vec<u8>>,
+    origin: Option<u64>,
+}
+
+impl Marks {
+    fn read(xattrs: &XattrTarget<'_>, namespace: XattrNamespace) -> SysResult<Marks> {
+        let mut marks = Marks::default();
+        for name in xattrs.list()? {
+            if !is_private_xattr(&name) {
+                continue;
+            }
+            let Some(value) = xattrs.get_opt(&name)? else { continue };
+            let key = name.as_bytes();
+            if key.ends_with(b".opaque") {
+                marks.opaque |= value == b"y";
+            } else if key.ends_with(b"overlay.redirect") {
+                marks.redirect = Some(value);
+            } else if name == namespace.strata("origin") {
+                marks.origin = value.try_into().ok().map(u64::from_le_bytes);
+            }
+        }
+        Ok(marks)
     }
 }
 

@@ -20,6 +20,11 @@ pub type SysResult<T> = Result<T, Errno>;
 
 pub type Stat = libc::stat;
 
+/// A stat with every field zero.
+pub fn empty_stat() -> Stat {
+    unsafe { std::mem::zeroed() }
+}
+
 fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
     if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
 }
@@ -475,9 +480,14 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// makedev for the whiteout check and device nodes.
-pub fn major_minor(rdev: u64) -> (u32, u32) {
-    (libc::major(rdev), libc::minor(rdev))
+/// Raise the soft limit on open files to the hard limit (the daemon keeps
+/// lower directories open).
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 && limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
 }
 
 /// Unmount `path` (lazily when `detach`).
