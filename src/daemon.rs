@@ -22,7 +22,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         log::warn!("option {option} is accepted but not implemented; ignoring it");
     }
     sys::raise_fd_limit();
-    let namespace = if sys::geteuid() == 0 { XattrNamespace::Trusted } else { XattrNamespace::User };
+    // Rootless (a user namespace, or no CAP_SYS_ADMIN) cannot write
+    // trusted.* xattrs: mark with user.overlay.*, as the kernel's userxattr.
+    let namespace = match &config.work {
+        Some(work) if !sys::can_set_trusted_xattr(work) => XattrNamespace::User,
+        _ => XattrNamespace::Trusted,
+    };
     let stack = LayerStack::open(config.upper.as_deref(), &config.lowers, namespace)
         .map_err(|err| format!("cannot open the layers: {err}"))?;
     let options = FsOptions { fsync: config.fsync, static_nlink: config.static_nlink };

@@ -519,6 +519,22 @@ pub fn detach_stdio() {
     }
 }
 
+/// Whether the process may set `trusted.*` xattrs in `dir` (not inside a
+/// user namespace, not without CAP_SYS_ADMIN).
+pub fn can_set_trusted_xattr(dir: &Path) -> bool {
+    let probe = dir.join(format!(".strata-xattr-probe-{}", std::process::id()));
+    if std::fs::write(&probe, b"").is_err() {
+        return false;
+    }
+    let ok = cstr(probe.as_os_str())
+        .map(|path| unsafe {
+            libc::lsetxattr(path.as_ptr(), c"trusted.overlay.probe".as_ptr(), b"y".as_ptr().cast(), 1, 0) == 0
+        })
+        .unwrap_or(false);
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
 /// Whether the process may create device nodes (needed for char 0/0 whiteouts).
 pub fn can_mknod_whiteout(dir: BorrowedFd<'_>) -> bool {
     let probe = OsStr::new(".strata-whiteout-probe");
