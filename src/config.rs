@@ -74,6 +74,18 @@ pub struct MountConfig {
     pub threads: usize,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
+    /// Where to trace layer-changing events, if anywhere.
+    pub trace: Option<TraceConfig>,
+}
+
+/// `--trace[=FILE]`: events to a file, or to stderr (the mount then stays
+/// in the foreground so they reach the terminal).
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    pub file: Option<PathBuf>,
+    pub format: crate::trace::Format,
+    /// Lookups too (`--trace-all`), not only changes.
+    pub lookups: bool,
 }
 
 impl Default for MountConfig {
@@ -95,6 +107,7 @@ impl Default for MountConfig {
             timeout: Duration::from_secs(3600),
             threads: 2,
             ignored: Vec::new(),
+            trace: None,
         }
     }
 }

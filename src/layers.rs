@@ -198,6 +198,12 @@ impl LayerStack {
         }
     }
 
+    /// The layer's name and its directory's last component: "lower 2 (base)".
+    pub fn describe(&self, layer: LayerId) -> String {
+        let dir = self.layers[layer].path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{} ({dir})", self.layer_name(layer))
+    }
+
     /// Inode numbers: the real ones when every layer shares one filesystem
     /// (they are unique there, as with the kernel's overlayfs), otherwise the
     /// filesystem's position in the high bits (the kernel's "xino" idea).

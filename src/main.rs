@@ -6,12 +6,14 @@
 //! (`fuse`), run by `daemon`. Raw system calls live in `sys`.
 
 mod config;
+mod control;
 mod copyup;
 mod daemon;
 mod fuse;
 mod inodes;
 mod layers;
 mod sys;
+mod trace;
 mod unionfs;
 
 use std::ffi::OsString;
@@ -36,6 +38,23 @@ enum Command {
     /// Unmount a Strata mount and wait for its daemon to exit.
     #[command(alias = "unmount")]
     Umount { mountpoint: PathBuf },
+    /// Counters of a running mount: lookups per layer, copy-ups, whiteouts, memory.
+    Stats {
+        mountpoint: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Watch a running mount change its layers: copy-ups, whiteouts, opaque dirs.
+    Trace {
+        mountpoint: PathBuf,
+        /// Show lookups too (which layer served each path).
+        #[arg(long)]
+        all: bool,
+        /// `human` or `json`.
+        #[arg(long, default_value = "human")]
+        format: String,
+    },
 }
 
 #[derive(Args)]
@@ -64,13 +83,23 @@ struct MountArgs {
     /// Event loops serving the mount.
     #[arg(long)]
     threads: Option<usize>,
+    /// Print each event that changes the layers (copy-up, whiteout, ...):
+    /// to FILE, or to this terminal (the mount then stays in the foreground).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true, default_missing_value = "-")]
+    trace: Option<PathBuf>,
+    /// With --trace: lookups too, showing which layer served each path.
+    #[arg(long)]
+    trace_all: bool,
+    /// With --trace: `human` or `json`.
+    #[arg(long, default_value = "human")]
+    trace_format: String,
     mountpoint: PathBuf,
 }
 
 /// containers-storage runs a mount program as `PROGRAM -o OPTS TARGET` and
 /// mount.fuse3 as `PROGRAM SOURCE TARGET -o OPTS`: both mean `mount`.
 fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    const COMMANDS: &[&str] = &["mount", "umount", "unmount", "help", "--help", "-h", "--version", "-V"];
+    const COMMANDS: &[&str] = &["mount", "umount", "unmount", "stats", "trace", "commit", "help", "--help", "-h", "--version", "-V"];
     let Some(first) = args.get(1).and_then(|a| a.to_str()).map(str::to_owned) else { return args };
     if COMMANDS.contains(&first.as_str()) {
         return args;
@@ -107,9 +136,70 @@ fn mount(args: MountArgs) -> Result<(), String> {
     if let Some(threads) = args.threads {
         config.threads = threads.clamp(1, 64);
     }
+    if let Some(target) = args.trace {
+        let to_terminal = target.as_os_str() == "-";
+        let format = trace_format(&args.trace_format, to_terminal)?;
+        config.foreground |= to_terminal;
+        config.trace = Some(config::TraceConfig {
+            file: (!to_terminal).then_some(target),
+            format,
+            lookups: args.trace_all,
+        });
+    }
     init_logging(args.verbose, config.debug);
     config.validate().map_err(|err| err.to_string())?;
     daemon::run(config)
+}
+
+/// The event format asked for; colored only on a terminal.
+fn trace_format(name: &str, to_terminal: bool) -> Result<trace::Format, String> {
+    use std::io::IsTerminal;
+    match name {
+        "json" => Ok(trace::Format::Json),
+        "human" => Ok(trace::Format::Human { color: to_terminal && std::io::stderr().is_terminal() }),
+        other => Err(format!("unknown trace format {other:?} (human or json)")),
+    }
+}
+
+/// `strata stats MOUNTPOINT`
+fn stats(mountpoint: &std::path::Path, format: &str) -> Result<(), String> {
+    let request = match format {
+        "text" => "stats",
+        "json" => "stats json",
+        other => return Err(format!("unknown format {other:?} (text or json)")),
+    };
+    let socket = daemon::control_socket(mountpoint)?;
+    let mut stream = control::request(&socket, request).map_err(|err| format!("{}: {err}", socket.display()))?;
+    std::io::copy(&mut stream, &mut std::io::stdout()).map_err(|err| err.to_string())?;
+    Ok(())
+}
+
+/// `strata trace MOUNTPOINT`: stream events until interrupted.
+fn trace_mount(mountpoint: &std::path::Path, all: bool, format: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let format = match format {
+        "json" => "json",
+        "human" if std::io::stdout().is_terminal() => "color",
+        "human" => "human",
+        other => return Err(format!("unknown format {other:?} (human or json)")),
+    };
+    let socket = daemon::control_socket(mountpoint)?;
+    let request = format!("trace {format} {}", if all { "all" } else { "changes" });
+    let mut stream = control::request(&socket, &request).map_err(|err| format!("{}: {err}", socket.display()))?;
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    loop {
+        use std::io::{Read, Write};
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                    return Ok(()); // the reader went away (e.g. `| head`)
+                }
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -117,6 +207,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mount(args) => mount(args),
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
+        Command::Stats { mountpoint, format } => stats(&mountpoint, &format),
+        Command::Trace { mountpoint, all, format } => trace_mount(&mountpoint, all, &format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::inodes::{InodeTable, Node, ROOT};
 use crate::layers::{self, LayerStack, Source, XattrNamespace};
 use crate::sys::{self, Errno, SetTime, Stat, SysResult, XattrTarget};
+use crate::trace::{Event, Monitor};
 
 /// Who asks: the credentials of the calling process.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +102,8 @@ pub struct UnionFs {
     next_temp: AtomicU64,
     /// Copy-ups of one inode are serialised; different inodes copy in parallel.
     copy_locks: Vec<Mutex<()>>,
+    /// Counters and trace subscribers.
+    pub monitor: Monitor,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -129,6 +132,7 @@ impl UnionFs {
             None => (None, None, WhiteoutStyle::Device),
         };
         let root_sources = stack.root_sources();
+        let layer_count = stack.layers.len();
         let root = Node {
             names: Vec::new(),
             kind: libc::S_IFDIR,
@@ -150,6 +154,7 @@ impl UnionFs {
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            monitor: Monitor::new(layer_count),
         })
     }
 
@@ -159,6 +164,10 @@ impl UnionFs {
 
     pub fn whiteout_style(&self) -> WhiteoutStyle {
         self.whiteouts
+    }
+
+    pub fn open_files(&self) -> usize {
+        lock(&self.files).len()
     }
 
     pub fn cached_inodes(&self) -> usize {
@@ -209,6 +218,21 @@ impl UnionFs {
 
     fn upper_path(&self, ino: u64) -> SysResult<PathBuf> {
         lock(&self.table).path(ino)
+    }
+
+    /// The path a user sees for a node, for messages and traces.
+    fn shown_path(&self, ino: u64) -> String {
+        match self.upper_path(ino) {
+            Ok(path) => format!("/{}", path.display()),
+            Err(_) => "(unlinked)".to_string(),
+        }
+    }
+
+    fn shown_child_path(&self, parent: u64, name: &OsStr) -> String {
+        match self.upper_path(parent) {
+            Ok(path) => format!("/{}", path.join(name).display()),
+            Err(_) => format!("?/{}", name.to_string_lossy()),
+        }
     }
 
     /// An O_PATH descriptor of the node's directory in the upper layer.
@@ -284,6 +308,13 @@ impl UnionFs {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
+        let layer = resolved.top.layer;
+        if let Some(counter) = self.monitor.lookups_per_layer.get(layer) {
+            Monitor::count(counter, 1);
+        }
+        if self.monitor.wants_lookups() {
+            self.monitor.emit(|| Event::Lookup { path: self.shown_child_path(parent, name), layer: self.stack.describe(layer) });
+        }
         Ok(self.remember(parent, name, resolved))
     }
 
@@ -413,6 +444,8 @@ impl UnionFs {
             (source, node.indexed, node.kind, name, node.lower_nlink)
         };
         let upper_parent = self.upper_dir(parent)?;
+        let started = std::time::Instant::now();
+        let mut copied = 0;
         if indexed {
             // A hard link whose data was copied up through another name.
             let index = self.index.as_ref().ok_or(Errno::EROFS)?;
@@ -420,10 +453,12 @@ impl UnionFs {
         } else {
             let work = self.work()?;
             let temp = self.temp_name();
-            let result = crate::copyup::copy_entry(self, &source, kind, work.as_fd(), &temp, ino, skip_data);
-            if let Err(err) = result {
-                crate::copyup::remove_temp(work.as_fd(), &temp);
-                return Err(err);
+            match crate::copyup::copy_entry(self, &source, kind, work.as_fd(), &temp, ino, skip_data) {
+                Ok(bytes) => copied = bytes,
+                Err(err) => {
+                    crate::copyup::remove_temp(work.as_fd(), &temp);
+                    return Err(err);
+                }
             }
             if kind == libc::S_IFREG && lower_nlink > 1 {
                 // Remember the copy so the other names of this hard link
@@ -440,10 +475,21 @@ impl UnionFs {
                 return Err(err);
             }
         }
-        let mut table = lock(&self.table);
-        let node = table.get_mut(ino)?;
-        node.in_upper = true;
-        node.indexed = node.indexed || (kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some());
+        {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino)?;
+            node.in_upper = true;
+            node.indexed = node.indexed || (kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some());
+        }
+        Monitor::count(&self.monitor.copy_ups, 1);
+        Monitor::count(&self.monitor.copied_bytes, copied);
+        self.monitor.emit(|| Event::CopyUp {
+            path: self.shown_path(ino),
+            layer: self.stack.describe(source.layer),
+            bytes: copied,
+            took: started.elapsed(),
+            data: kind == libc::S_IFREG && !skip_data && !indexed,
+        });
         Ok(())
     }
 
@@ -559,6 +605,12 @@ impl UnionFs {
             crate::copyup::remove_temp(work.as_fd(), &temp);
             return Err(err);
         }
+        Monitor::count(&self.monitor.creates, 1);
+        self.monitor.emit(|| Event::Create { path: self.shown_child_path(parent, name), kind: kind_name(mode) });
+        if is_dir && replaces_whiteout {
+            Monitor::count(&self.monitor.opaque_dirs, 1);
+            self.monitor.emit(|| Event::Opaque { path: self.shown_child_path(parent, name) });
+        }
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
         Ok((self.remember(parent, name, resolved), built))
     }
@@ -669,6 +721,11 @@ impl UnionFs {
         result
     }
 
+    fn note_whiteout(&self, parent: u64, name: &OsStr) {
+        Monitor::count(&self.monitor.whiteouts, 1);
+        self.monitor.emit(|| Event::Whiteout { path: self.shown_child_path(parent, name) });
+    }
+
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
         self.remove(parent, name, false)
     }
@@ -703,6 +760,7 @@ impl UnionFs {
         let upper_parent = self.upper_dir(parent)?;
         if self.lower_has(parent, name)? {
             self.whiteout(upper_parent.as_fd(), name)?;
+            self.note_whiteout(parent, name);
         } else if in_upper {
             if is_dir {
                 clear_whiteouts(upper_parent.as_fd(), name)?;
@@ -823,6 +881,9 @@ impl UnionFs {
             Ok(()) if leave_whiteout && rename_flags == 0 => self.whiteout(old_dir.as_fd(), name)?,
             Ok(()) => {}
         }
+        if leave_whiteout {
+            self.note_whiteout(parent, name);
+        }
         let mut table = lock(&self.table);
         if let Some(target) = target {
             table.remove_name(target, new_parent, &new_name.to_owned());
@@ -861,6 +922,11 @@ impl UnionFs {
             redirect.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(lower_path.as_os_str()));
             let name = path.file_name().ok_or(Errno::EINVAL)?;
             XattrTarget::new(parent.as_fd(), name)?.set(&self.stack.namespace.overlay("redirect"), &redirect, 0)?;
+            Monitor::count(&self.monitor.redirects, 1);
+            self.monitor.emit(|| Event::Redirect {
+                path: self.shown_path(ino),
+                target: String::from_utf8_lossy(&redirect).into_owned(),
+            });
         }
         Ok(())
     }
@@ -877,6 +943,8 @@ impl UnionFs {
             let path = self.upper_path(ino)?;
             let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
             self.mark_opaque(parent.as_fd(), path.file_name().ok_or(Errno::EINVAL)?)?;
+            Monitor::count(&self.monitor.opaque_dirs, 1);
+            self.monitor.emit(|| Event::Opaque { path: self.shown_path(ino) });
         }
         Ok(())
     }
@@ -1073,6 +1141,17 @@ enum Location {
     Layer(Source),
     /// In the hard-link index of the work directory.
     Index(u64),
+}
+
+fn kind_name(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "directory",
+        libc::S_IFLNK => "symlink",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFCHR | libc::S_IFBLK => "device",
+        _ => "file",
+    }
 }
 
 fn index_name(ino: u64) -> OsString {
