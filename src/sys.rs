@@ -11,7 +11,7 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use nix::errno::Errno;
 
@@ -42,6 +42,32 @@ pub fn cstr(name: &OsStr) -> SysResult<CString> {
 /// itself) beneath `root`. No component may be a symlink and no `..` may
 /// leave `root`: this is the one place where a layer path is resolved.
 pub fn open_beneath(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    // A path longer than the kernel takes in one call (PATH_MAX) is walked
+    // in pieces, each resolved beneath the directory the previous one opened.
+    const PIECE: usize = 2048;
+    if path.as_os_str().len() > PIECE {
+        let mut pieces = Vec::new();
+        let mut current = PathBuf::new();
+        for component in path.iter() {
+            if !current.as_os_str().is_empty() && current.as_os_str().len() + component.len() + 1 > PIECE {
+                pieces.push(std::mem::take(&mut current));
+            }
+            current.push(component);
+        }
+        pieces.push(current);
+        let (last, leading) = pieces.split_last().ok_or(Errno::EINVAL)?;
+        let mut dir: Option<OwnedFd> = None;
+        for piece in leading {
+            let base = dir.as_ref().map(|d| d.as_fd()).unwrap_or(root);
+            dir = Some(open_beneath_once(base, piece, libc::O_PATH | libc::O_DIRECTORY)?);
+        }
+        let base = dir.as_ref().map(|d| d.as_fd()).unwrap_or(root);
+        return open_beneath_once(base, last, flags);
+    }
+    open_beneath_once(root, path, flags)
+}
+
+fn open_beneath_once(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
     let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
     let c_path = cstr(path.as_os_str())?;
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
