@@ -120,7 +120,10 @@ fn init_logging(verbose: u8, debug: bool) {
         (false, 1) => "info",
         (false, _) => "debug",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp_millis().init();
+    // fuser warns when it finds the mount already gone at exit, which is
+    // the normal end after `strata umount`: keep that quiet unless debugging.
+    let filter = if debug { level.to_string() } else { format!("{level},fuser::session=error") };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).format_timestamp_millis().init();
 }
 
 fn mount(args: MountArgs) -> Result<(), String> {
