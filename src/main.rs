@@ -5,10 +5,12 @@
 //! inode table and copy-up (`unionfs`, `inodes`, `copyup`) -> FUSE adapter
 //! (`fuse`), run by `daemon`. Raw system calls live in `sys`.
 
+mod commit;
 mod config;
 mod control;
 mod copyup;
 mod daemon;
+mod diff;
 mod fuse;
 mod inodes;
 mod layers;
@@ -55,6 +57,10 @@ enum Command {
         #[arg(long, default_value = "human")]
         format: String,
     },
+    /// List what a container changed (A added, C changed, D deleted), as docker diff does.
+    Diff(diff::DiffArgs),
+    /// Write the upper layer's changes as an OCI layer tarball.
+    Commit(commit::CommitArgs),
 }
 
 #[derive(Args)]
@@ -99,7 +105,8 @@ struct MountArgs {
 /// containers-storage runs a mount program as `PROGRAM -o OPTS TARGET` and
 /// mount.fuse3 as `PROGRAM SOURCE TARGET -o OPTS`: both mean `mount`.
 fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    const COMMANDS: &[&str] = &["mount", "umount", "unmount", "stats", "trace", "commit", "help", "--help", "-h", "--version", "-V"];
+    const COMMANDS: &[&str] =
+        &["mount", "umount", "unmount", "stats", "trace", "diff", "commit", "help", "--help", "-h", "--version", "-V"];
     let Some(first) = args.get(1).and_then(|a| a.to_str()).map(str::to_owned) else { return args };
     if COMMANDS.contains(&first.as_str()) {
         return args;
@@ -212,6 +219,8 @@ fn main() -> ExitCode {
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
         Command::Stats { mountpoint, format } => stats(&mountpoint, &format),
         Command::Trace { mountpoint, all, format } => trace_mount(&mountpoint, all, &format),
+        Command::Diff(args) => diff::run(args),
+        Command::Commit(args) => commit::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,391 @@
+//! `strata commit`: the layer tarball read back with the tar crate and with
+//! GNU tar, its identity and determinism, and the round trip: the tar
+//! applied onto the image with the OCI rules gives the tree the mount showed.
+
+mod common;
+mod diff_common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use diff_common::*;
+use sha2::{Digest, Sha256};
+
+fn sh_in(mnt: &Path, script: &str) {
+    let o = run(Command::new("sh").arg("-c").arg(script).current_dir(mnt), Duration::from_secs(30));
+    assert!(o.success(), "`{script}` failed: {o:?}");
+}
+
+/// `strata commit ARGS --output OUT`; the printed (diff_id, digest, size).
+fn commit(args: &[String], out: &Path, extra: &[&str]) -> (String, String, u64) {
+    let mut full = vec!["commit".to_string()];
+    full.extend(args.iter().cloned());
+    full.extend(["--output".to_string(), s(out)]);
+    full.extend(extra.iter().map(|e| e.to_string()));
+    let o = strata(&full);
+    assert!(o.success(), "strata {} failed: {o:?}", full.join(" "));
+    let field = |key: &str| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {key} in {:?}", o.stdout))
+    };
+    (field("diff_id "), field("digest "), field("size ").parse().expect("size"))
+}
+
+fn sha256_prefixed(data: &[u8]) -> String {
+    let hash = Sha256::digest(data);
+    format!("sha256:{}", hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Every member of a tar: (path, type letter, mode, link target, uid).
+fn members(tar_bytes: &[u8]) -> Vec<(String, char, u32, String, u64)> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let mut out = Vec::new();
+    for entry in archive.entries().expect("entries") {
+        let entry = entry.expect("entry");
+        let h = entry.header();
+        let kind = match h.entry_type() {
+            tar::EntryType::Regular => 'f',
+            tar::EntryType::Directory => 'd',
+            tar::EntryType::Symlink => 'l',
+            tar::EntryType::Link => 'h',
+            tar::EntryType::Fifo => 'p',
+            tar::EntryType::Char => 'c',
+            tar::EntryType::Block => 'b',
+            other => panic!("unexpected member type {other:?}"),
+        };
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let link = entry.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default();
+        out.push((path, kind, h.mode().expect("mode"), link, h.uid().expect("uid")));
+    }
+    out
+}
+
+/// GNU tar's listing (names only, one a line).
+fn gnu_tar_names(file: &Path) -> Vec<String> {
+    let o = run(Command::new("tar").arg("-tf").arg(file), Duration::from_secs(30));
+    assert!(o.success(), "tar -tf {} failed: {o:?}", file.display());
+    o.stdout.lines().map(str::to_string).collect()
+}
+
+// ---------------------------------------------------------------------------
+// A small OCI layer applier (the rules of the image spec's changeset).
+// ---------------------------------------------------------------------------
+
+fn remove_any(p: &Path) {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).expect("rm -r"),
+        Ok(_) => fs::remove_file(p).expect("rm"),
+        Err(_) => {}
+    }
+}
+
+/// Apply an uncompressed layer tar onto `root`.
+fn apply_layer(root: &Path, tar_bytes: &[u8]) {
+    let mut archive = tar::Archive::new(tar_bytes);
+    // Paths this layer has written: an opaque marker keeps them.
+    let mut ours: HashSet<PathBuf> = HashSet::new();
+    for entry in archive.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        // Components: a directory's trailing slash dropped.
+        let rel: PathBuf = Path::new(std::ffi::OsStr::from_bytes(&entry.path_bytes())).components().collect();
+        let name = rel.file_name().expect("name").as_bytes().to_vec();
+        let parent = root.join(rel.parent().unwrap_or(Path::new("")));
+        if name == b".wh..wh..opq" {
+            for child in fs::read_dir(&parent).expect("read_dir") {
+                let child = child.expect("entry").path();
+                if !ours.contains(&child) {
+                    remove_any(&child);
+                }
+            }
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(b".wh.") {
+            remove_any(&parent.join(std::ffi::OsStr::from_bytes(hidden)));
+            continue;
+        }
+        let target = root.join(&rel);
+        ours.insert(target.clone());
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let existing = fs::symlink_metadata(&target).ok();
+        if let Some(m) = &existing {
+            if !(m.is_dir() && kind == tar::EntryType::Directory) {
+                remove_any(&target);
+            }
+        }
+        let mode = header.mode().expect("mode");
+        match kind {
+            tar::EntryType::Directory => {
+                if !target.is_dir() {
+                    fs::create_dir(&target).unwrap_or_else(|e| panic!("mkdir {}: {e}", target.display()));
+                }
+            }
+            tar::EntryType::Regular => {
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).expect("read member");
+                fs::write(&target, data).expect("write");
+            }
+            tar::EntryType::Symlink => {
+                let link = entry.link_name_bytes().expect("link");
+                symlink(std::ffi::OsStr::from_bytes(&link), &target).expect("symlink");
+            }
+            tar::EntryType::Link => {
+                let link = entry.link_name_bytes().expect("link");
+                fs::hard_link(root.join(std::ffi::OsStr::from_bytes(&link)), &target).expect("link");
+                continue; // a hard link shares the first member's metadata
+            }
+            tar::EntryType::Fifo => mkfifo(&target, 0o600).expect("mkfifo"),
+            tar::EntryType::Char | tar::EntryType::Block => {
+                let t = if kind == tar::EntryType::Char { libc::S_IFCHR } else { libc::S_IFBLK };
+                let major = header.device_major().expect("major").expect("major");
+                let minor = header.device_minor().expect("minor").expect("minor");
+                mknod(&target, t, 0o600, major, minor).expect("mknod");
+            }
+            other => panic!("unexpected member type {other:?}"),
+        }
+        lchown(&target, header.uid().expect("uid") as u32, header.gid().expect("gid") as u32).expect("chown");
+        if kind != tar::EntryType::Symlink {
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        if let Ok(Some(pax)) = entry.pax_extensions() {
+            for ext in pax {
+                let ext = ext.expect("pax record");
+                if let Some(attr) = ext.key().expect("key").strip_prefix("SCHILY.xattr.") {
+                    lsetxattr(&target, attr, ext.value_bytes()).expect("setxattr");
+                }
+            }
+        }
+    }
+}
+
+/// Copy the image view (a read-only mount of the lowers) to `dest`.
+fn flatten_image(l: &Layers, dest: &Path) {
+    let image = mount_image(l);
+    sh(&format!("cp -a {}/. {}", image.mnt.display(), dest.display()));
+    image.umount();
+}
+
+/// Act in a mount, snapshot it, commit, and check that the tar applied onto
+/// the image gives the snapshot. Returns the layers and the tar's bytes.
+fn round_trip(build: impl FnOnce(&Layers), act: impl FnOnce(&Path)) -> (Layers, Vec<u8>) {
+    let l = Layers::new(2);
+    build(&l);
+    let out = l.root().join("layer.tar");
+    let (merged, live_commit) = {
+        let m = StrataMount::mount(&l);
+        act(&m.mnt);
+        let merged = tree_snapshot(&m.mnt);
+        commit(&[s(&m.mnt)], &out, &[]);
+        let bytes = fs::read(&out).expect("read layer");
+        m.umount();
+        (merged, bytes)
+    };
+    // Offline, the same layer byte for byte.
+    commit(&offline_args(&l), &out, &[]);
+    let tar_bytes = fs::read(&out).expect("read layer");
+    assert!(tar_bytes == live_commit, "commit of the mount and of the directories differ");
+    // GNU tar reads it and sees the same members.
+    let ours: Vec<String> = members(&tar_bytes).into_iter().map(|m| m.0).collect();
+    assert_eq!(gnu_tar_names(&out), ours, "GNU tar and the tar crate disagree");
+    let applied = l.root().join("applied");
+    fs::create_dir(&applied).expect("mkdir");
+    flatten_image(&l, &applied);
+    apply_layer(&applied, &tar_bytes);
+    let mut got = tree_snapshot(&applied);
+    let mut want: BTreeMap<PathBuf, EntryInfo> = merged;
+    // The root directory is not part of a layer.
+    got.remove(Path::new(""));
+    want.remove(Path::new(""));
+    assert_same_tree("the mount", &want, "image + layer", &got);
+    (l, tar_bytes)
+}
+
+fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn exact_members_of_the_issue_example() {
+    let (_l, tar_bytes) = round_trip(base_image, |m| {
+        sh_in(m, "rm -rf opt/app && mkdir opt/app && echo n > opt/app/new && ln opt/app/new opt/app/new2");
+        fs::rename(m.join("etc/hosts"), m.join("etc/hosts2")).unwrap();
+        symlink("hosts2", m.join("etc/hl")).unwrap();
+        mkfifo(&m.join("run/ctl"), 0o600).unwrap();
+    });
+    let got: Vec<(String, char, u32, String)> =
+        members(&tar_bytes).into_iter().map(|(p, k, mode, link, _)| (p, k, mode, link)).collect();
+    let want: Vec<(&str, char, u32, &str)> = vec![
+        ("etc/", 'd', 0o755, ""),
+        (".wh.hosts", 'f', 0, ""),
+        ("etc/hl", 'l', 0o777, "hosts2"),
+        ("etc/hosts2", 'f', 0o644, ""),
+        ("opt/", 'd', 0o755, ""),
+        ("opt/app/", 'd', 0o755, ""),
+        ("opt/app/.wh..wh..opq", 'f', 0, ""),
+        ("opt/app/new", 'f', 0o644, ""),
+        ("opt/app/new2", 'h', 0o644, "opt/app/new"),
+        ("run/", 'd', 0o755, ""),
+        ("run/ctl", 'p', 0o600, ""),
+    ];
+    let want: Vec<(String, char, u32, String)> = want
+        .into_iter()
+        .map(|(p, k, m, l)| {
+            let p = if p == ".wh.hosts" { "etc/.wh.hosts".to_string() } else { p.to_string() };
+            (p, k, m, l.to_string())
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn round_trip_files_and_metadata() {
+    let cap: [u8; 20] = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    round_trip(base_image, |m| {
+        append(&m.join("etc/a"), b"more\n").unwrap();
+        lchown(&m.join("etc/b.conf"), 1000, 100).unwrap();
+        chmod(&m.join("usr/bin/ping"), 0o4755);
+        lsetxattr(&m.join("usr/bin/ping"), "security.capability", &cap).unwrap();
+        lsetxattr(&m.join("etc/a"), "user.note", b"hello\0binary").unwrap();
+        fs::remove_file(m.join("etc/link")).unwrap();
+        mknod(&m.join("srv/null"), libc::S_IFCHR, 0o666, 1, 3).unwrap();
+        fs::write(m.join("var/gone"), "back").unwrap();
+        fs::write(m.join("data/more"), "m").unwrap();
+        fs::remove_file(m.join("data/new")).unwrap();
+        chmod(&m.join("tmp"), 0o1777);
+    });
+}
+
+#[test]
+fn round_trip_renamed_directories() {
+    round_trip(base_image, |m| {
+        fs::rename(m.join("opt/app"), m.join("srv/app")).unwrap();
+        fs::remove_file(m.join("srv/app/old1")).unwrap();
+        fs::write(m.join("srv/app/sub/w"), "w").unwrap();
+        fs::rename(m.join("opt/other"), m.join("opt/app")).unwrap();
+        fs::rename(m.join("etc"), m.join("etc2")).unwrap();
+    });
+}
+
+#[test]
+fn round_trip_type_changes_and_deletions() {
+    round_trip(base_image, |m| {
+        sh_in(m, "rm etc/a && mkdir etc/a && echo x > etc/a/x");
+        sh_in(m, "rm -rf opt/app && echo f > opt/app");
+        sh_in(m, "rm -rf usr && mkdir -p usr/local/bin && echo s > usr/local/bin/s");
+        sh_in(m, "rm -rf data");
+    });
+}
+
+#[test]
+fn round_trip_oci_lowers() {
+    round_trip(
+        |l| {
+            l.lower(1).file("lib/keep", "k").file("lib/drop", "d").file("cache/old", "o");
+            l.lower(0).oci_whiteout("lib/drop").oci_opaque("cache").file("cache/fresh", "f");
+        },
+        |m| {
+            fs::write(m.join("lib/drop"), "again").unwrap();
+            fs::remove_file(m.join("cache/fresh")).unwrap();
+            fs::write(m.join("cache/old"), "again").unwrap();
+        },
+    );
+}
+
+#[test]
+fn long_names_and_large_ids_use_pax() {
+    let deep = format!("{}/{}", "d".repeat(150), "f".repeat(120));
+    let (l, tar_bytes) = round_trip(base_image, |m| {
+        fs::create_dir_all(m.join("d".repeat(150))).unwrap();
+        fs::write(m.join(&deep), "deep").unwrap();
+        let long_target = "t".repeat(150);
+        symlink(&long_target, m.join("etc/longlink")).unwrap();
+        fs::write(m.join("etc/bigid"), "").unwrap();
+        lchown(&m.join("etc/bigid"), 3_000_000, 3_000_001).unwrap();
+    });
+    let list = members(&tar_bytes);
+    assert!(list.iter().any(|(p, k, _, _, _)| *p == deep && *k == 'f'), "{list:?}");
+    assert!(list.iter().any(|(p, _, _, link, _)| p == "etc/longlink" && *link == "t".repeat(150)));
+    assert!(list.iter().any(|(p, _, _, _, uid)| p == "etc/bigid" && *uid == 3_000_000));
+    // GNU tar agrees on the numbers too.
+    let o = run(
+        Command::new("tar").arg("--numeric-owner").arg("-tvf").arg(l.root().join("layer.tar")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        o.stdout.lines().any(|line| line.contains("3000000/3000001") && line.ends_with("etc/bigid")),
+        "{}",
+        o.stdout
+    );
+}
+
+#[test]
+fn identity_compression_and_determinism() {
+    let l = Layers::new(2);
+    base_image(&l);
+    {
+        let m = StrataMount::mount(&l);
+        sh_in(&m.mnt, "echo hello > etc/new && rm -rf opt/app && mkdir -p srv/x && echo y > srv/x/y");
+        m.umount();
+    }
+    let args = offline_args(&l);
+    let plain = l.root().join("layer.tar");
+    let (diff_id, digest, size) = commit(&args, &plain, &["--compression", "none"]);
+    let bytes = fs::read(&plain).unwrap();
+    assert_eq!(diff_id, sha256_prefixed(&bytes));
+    assert_eq!(digest, diff_id);
+    assert_eq!(size, bytes.len() as u64);
+    assert_eq!(bytes.len() % 512, 0);
+    for (name, flag) in [("layer.tar.gz", "gzip"), ("layer.tar.zst", "zstd")] {
+        let out = l.root().join(name);
+        let (d, g, n) = commit(&args, &out, &["--compression", flag]);
+        let blob = fs::read(&out).unwrap();
+        assert_eq!(d, diff_id, "{flag}: the diff_id is that of the uncompressed tar");
+        assert_eq!(g, sha256_prefixed(&blob), "{flag}: digest");
+        assert_eq!(n, blob.len() as u64, "{flag}: size");
+        let mut unpacked = Vec::new();
+        if flag == "gzip" {
+            flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut unpacked).unwrap();
+        } else {
+            unpacked = zstd::decode_all(blob.as_slice()).unwrap();
+        }
+        assert!(unpacked == bytes, "{flag}: decompresses to the plain tar");
+        // Byte-identical on a second run.
+        let again = l.root().join(format!("again-{name}"));
+        let (_, g2, _) = commit(&args, &again, &["--compression", flag]);
+        assert_eq!(g2, g, "{flag}: not deterministic");
+    }
+    // Times are whole seconds; --reproducible clamps them.
+    let clamped = l.root().join("clamped.tar");
+    commit(&args, &clamped, &["--reproducible=1000"]);
+    let mut archive = tar::Archive::new(fs::File::open(&clamped).unwrap());
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.header().mtime().unwrap() <= 1000);
+        assert!(entry.header().username_bytes().unwrap_or_default().is_empty());
+    }
+}
+
+#[test]
+fn refuses_upper_names_that_read_as_whiteouts() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "a");
+    l.upper.file(".wh.stray", "not a whiteout");
+    let mut args = vec!["commit".to_string()];
+    args.extend(offline_args(&l));
+    args.extend(["--output".to_string(), s(&l.root().join("x.tar"))]);
+    let o = strata(&args);
+    assert!(!o.success());
+    assert!(o.stderr.contains("/.wh.stray") && o.stderr.contains("whiteout"), "{}", o.stderr);
+    assert!(!l.root().join("x.tar").exists() && !l.root().join("x.tar.partial").exists(), "no half-written file");
+}
