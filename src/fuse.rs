@@ -180,16 +180,17 @@ impl Filesystem for StrataFuse {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = AttrChange { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
-        match self.fs.setattr(ino.0, fh.map(|h| h.0), change) {
+        let change =
+            AttrChange { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), ctime: ctime.is_some() };
+        match self.fs.setattr(ino.0, change) {
             Ok(stat) => reply.attr(&self.ttl, &attr(&stat)),
             Err(err) => reply.error(errno(err)),
         }

@@ -218,8 +218,21 @@ pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
     Ok(())
 }
 
+/// fchown of the file a descriptor refers to; `None` leaves that id unchanged.
+pub fn fchown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)) })?;
+    Ok(())
+}
+
+/// Open the file a descriptor refers to again, with other flags.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> SysResult<OwnedFd> {
+    let path = proc_fd_path(fd.as_raw_fd(), None);
+    let new = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// A time to set: a value, "now", or "leave it".
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SetTime {
     Omit,
     Now,
@@ -227,17 +240,24 @@ pub enum SetTime {
 }
 
 pub fn utimensat(dir: BorrowedFd<'_>, name: &OsStr, atime: SetTime, mtime: SetTime) -> SysResult<()> {
-    fn spec(t: SetTime) -> libc::timespec {
-        match t {
-            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-            SetTime::At(ts) => ts,
-        }
-    }
     let c_name = cstr(name)?;
-    let times = [spec(atime), spec(mtime)];
+    let times = [timespec_of(atime), timespec_of(mtime)];
     check(unsafe { libc::utimensat(dir.as_raw_fd(), c_name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(())
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> SysResult<()> {
+    let times = [timespec_of(atime), timespec_of(mtime)];
+    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) })?;
+    Ok(())
+}
+
+fn timespec_of(t: SetTime) -> libc::timespec {
+    match t {
+        SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        SetTime::At(ts) => ts,
+    }
 }
 
 fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
@@ -255,29 +275,53 @@ fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
 /// the directory itself; `name` is one component and is not followed.
 pub struct XattrTarget<'a> {
     path: CString,
+    /// Follow the final component: only for a descriptor's own magic link,
+    /// which names exactly the file the descriptor was opened on.
+    follow: bool,
     _dir: BorrowedFd<'a>,
 }
 
 impl<'a> XattrTarget<'a> {
     pub fn new(dir: BorrowedFd<'a>, name: &OsStr) -> SysResult<Self> {
         cstr(name)?;
-        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), _dir: dir })
+        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), follow: false, _dir: dir })
     }
 
-    /// The target is the file the descriptor itself refers to.
+    /// The target is the directory the descriptor itself refers to (an
+    /// O_PATH descriptor cannot take f*xattr calls, so its magic link is
+    /// followed instead; never use this for a symlink).
     pub fn fd(fd: BorrowedFd<'a>) -> Self {
-        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), _dir: fd }
+        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, _dir: fd }
+    }
+
+    fn raw_get(&self, attr: &CStr, buf: &mut [u8]) -> libc::ssize_t {
+        let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe {
+            if self.follow {
+                libc::getxattr(self.path.as_ptr(), attr.as_ptr(), ptr, len)
+            } else {
+                libc::lgetxattr(self.path.as_ptr(), attr.as_ptr(), ptr, len)
+            }
+        }
+    }
+
+    fn raw_list(&self, buf: &mut [u8]) -> libc::ssize_t {
+        let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe {
+            if self.follow {
+                libc::listxattr(self.path.as_ptr(), ptr, len)
+            } else {
+                libc::llistxattr(self.path.as_ptr(), ptr, len)
+            }
+        }
     }
 
     pub fn get(&self, attr: &OsStr) -> SysResult<Vec<u8>> {
         let c_attr = cstr(attr)?;
         loop {
-            let size =
-                check_size(unsafe { libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), std::ptr::null_mut(), 0) })?;
+            let size = check_size(self.raw_get(&c_attr, &mut []))?;
             let mut buf = vec![0u8; size];
-            match check_size(unsafe {
-                libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            }) {
+            match check_size(self.raw_get(&c_attr, &mut buf)) {
                 Ok(len) => {
                     buf.truncate(len);
                     return Ok(buf);
@@ -300,21 +344,31 @@ impl<'a> XattrTarget<'a> {
     pub fn set(&self, attr: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
         let c_attr = cstr(attr)?;
         check(unsafe {
-            libc::lsetxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            if self.follow {
+                libc::setxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            } else {
+                libc::lsetxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            }
         })?;
         Ok(())
     }
 
     pub fn remove(&self, attr: &OsStr) -> SysResult<()> {
         let c_attr = cstr(attr)?;
-        check(unsafe { libc::lremovexattr(self.path.as_ptr(), c_attr.as_ptr()) })?;
+        check(unsafe {
+            if self.follow {
+                libc::removexattr(self.path.as_ptr(), c_attr.as_ptr())
+            } else {
+                libc::lremovexattr(self.path.as_ptr(), c_attr.as_ptr())
+            }
+        })?;
         Ok(())
     }
 
     /// The names of all attributes.
     pub fn list(&self) -> SysResult<Vec<OsString>> {
         loop {
-            let size = match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), std::ptr::null_mut(), 0) }) {
+            let size = match check_size(self.raw_list(&mut [])) {
                 Ok(size) => size,
                 Err(Errno::EOPNOTSUPP) => return Ok(Vec::new()),
                 Err(err) => return Err(err),
@@ -323,7 +377,7 @@ impl<'a> XattrTarget<'a> {
                 return Ok(Vec::new());
             }
             let mut buf = vec![0u8; size];
-            match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
+            match check_size(self.raw_list(&mut buf)) {
                 Ok(len) => {
                     buf.truncate(len);
                     return Ok(buf

@@ -14,7 +14,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::inodes::{InodeTable, Node, ROOT};
@@ -56,7 +56,7 @@ pub struct Entry {
 }
 
 /// Attribute changes requested by setattr.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AttrChange {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -64,6 +64,8 @@ pub struct AttrChange {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// The caller asked for ctime to move (e.g. chown(-1, -1)).
+    pub ctime: bool,
 }
 
 /// One entry of a directory snapshot taken at opendir.
@@ -75,7 +77,12 @@ pub struct DirItem {
 }
 
 struct OpenFile {
-    file: File,
+    ino: u64,
+    /// Opened read-only on a lower copy: after a copy-up (through another
+    /// handle) the handle moves to the upper copy, so it sees later writes,
+    /// as with the kernel's overlayfs.
+    on_lower: AtomicBool,
+    file: Mutex<Arc<File>>,
 }
 
 struct OpenDir {
@@ -140,6 +147,7 @@ impl UnionFs {
             lowers: root_sources.into_iter().filter(|s| !stack.is_upper(s.layer)).collect(),
             indexed: false,
             lower_nlink: 0,
+            nlink: None,
             lookups: 1,
         };
         Ok(UnionFs {
@@ -207,10 +215,12 @@ impl UnionFs {
     fn location(&self, ino: u64) -> SysResult<Location> {
         let table = lock(&self.table);
         let node = table.get(ino)?;
-        if node.in_upper {
-            Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
-        } else if node.indexed {
+        if node.indexed {
+            // A hard link copied up: its index entry is the inode every
+            // upper name shares, whichever name the node was reached by.
             Ok(Location::Index(ino))
+        } else if node.in_upper {
+            Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
         } else {
             node.lowers.first().cloned().map(Location::Layer).ok_or(Errno::ENOENT)
         }
@@ -283,10 +293,8 @@ impl UnionFs {
                 // The kernel's overlayfs reports 1 for merged directories:
                 // their true link count is unknown, and 1 tells find(1) so.
                 stat.st_nlink = 1;
-            } else if node.indexed && node.in_upper {
-                stat.st_nlink = (stat.st_nlink.saturating_sub(1)).max(node.lower_nlink);
-            } else if node.indexed {
-                stat.st_nlink = node.lower_nlink.max(stat.st_nlink.saturating_sub(1));
+            } else if let Some(nlink) = node.nlink {
+                stat.st_nlink = nlink;
             }
         }
         if ino == ROOT {
@@ -313,7 +321,10 @@ impl UnionFs {
             Monitor::count(counter, 1);
         }
         if self.monitor.wants_lookups() {
-            self.monitor.emit(|| Event::Lookup { path: self.shown_child_path(parent, name), layer: self.stack.describe(layer) });
+            self.monitor.emit(|| Event::Lookup {
+                path: self.shown_child_path(parent, name),
+                layer: self.stack.describe(layer),
+            });
         }
         Ok(self.remember(parent, name, resolved))
     }
@@ -330,14 +341,19 @@ impl UnionFs {
         };
         let mut stat = resolved.stat;
         let mut indexed = false;
+        let mut nlink = None;
         let lower_nlink = if in_upper { 0 } else { stat.st_nlink };
-        if !in_upper && kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
-            // Another name of this hard link was copied up earlier: serve
-            // the shared copy.
+        if kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
+            // A hard link with a copy in the index: a lower name is served
+            // from that copy (another name was copied up), and every name
+            // shows the count kept with it.
             if let Some(index) = &self.index {
                 if let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino)) {
-                    stat = copy;
+                    if !in_upper {
+                        stat = copy;
+                    }
                     indexed = true;
+                    nlink = self.read_nlink(resolved.ino);
                 }
             }
         }
@@ -348,6 +364,7 @@ impl UnionFs {
             lowers,
             indexed,
             lower_nlink,
+            nlink,
             lookups: 0,
         };
         lock(&self.table).remember(resolved.ino, node);
@@ -359,42 +376,57 @@ impl UnionFs {
     }
 
     pub fn getattr(&self, ino: u64, handle: Option<u64>) -> SysResult<Stat> {
-        if let Some(file) = handle.and_then(|h| lock(&self.files).get(&h).cloned()) {
-            return Ok(self.present(ino, sys::fstat(file.file.as_fd())?));
+        if let Some(file) = handle.and_then(|h| self.file(h).ok()) {
+            return Ok(self.present(ino, sys::fstat(file.as_fd())?));
         }
         let location = self.location(ino)?;
         let stat = if ino == ROOT {
             let fd = self.open_location(&location, libc::O_PATH)?;
             sys::fstat(fd.as_fd())?
         } else {
-            self.stat_location(&location)?
+            match self.stat_location(&location) {
+                Ok(stat) => stat,
+                // fstat(2) of an unlinked open file comes without a handle.
+                Err(Errno::ENOENT) => match self.open_file_of(ino) {
+                    Some(file) => sys::fstat(file.as_fd())?,
+                    None => return Err(Errno::ENOENT),
+                },
+                Err(err) => return Err(err),
+            }
         };
         Ok(self.present(ino, stat))
     }
 
-    pub fn setattr(&self, ino: u64, handle: Option<u64>, change: AttrChange) -> SysResult<Stat> {
+    pub fn setattr(&self, ino: u64, change: AttrChange) -> SysResult<Stat> {
         self.writable()?;
         self.copy_up(ino, change.size == Some(0))?;
-        let path = self.upper_path(ino)?;
-        let root = self.stack.layers[0].root.as_fd();
-        let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
-        let name = path.file_name().map(OsStr::to_owned).unwrap_or_else(|| ".".into());
-        if change.uid.is_some() || change.gid.is_some() {
+        let location = match self.location(ino) {
+            Ok(location) => location,
+            // Unlinked but still open: change it through the open file.
+            Err(Errno::ENOENT) => return self.setattr_open(ino, change),
+            Err(err) => return Err(err),
+        };
+        let (parent, name) = match self.parent_and_name(&location) {
+            Err(Errno::ENOENT) => return self.setattr_open(ino, change),
+            other => other?,
+        };
+        if !sys::exists_at(parent.as_fd(), &name)? {
+            return self.setattr_open(ino, change);
+        }
+        // chown(-1, -1) changes nothing but ctime, which only a change can set.
+        let touch_only = change.ctime && change == AttrChange { ctime: true, ..AttrChange::default() };
+        if change.uid.is_some() || change.gid.is_some() || touch_only {
             sys::fchownat(parent.as_fd(), &name, change.uid, change.gid)?;
         }
         if let Some(mode) = change.mode {
-            let fd = sys::open_beneath(root, &path, libc::O_PATH)?;
+            let fd = sys::openat(parent.as_fd(), &name, libc::O_PATH, 0)?;
             sys::fchmod_fd(fd.as_fd(), mode & 0o7777)?;
         }
         if let Some(size) = change.size {
-            let open = handle.and_then(|h| lock(&self.files).get(&h).cloned());
-            match open {
-                Some(file) if self.location(ino).is_ok() => sys::ftruncate(file.file.as_fd(), size)?,
-                _ => {
-                    let fd = sys::open_beneath(root, &path, libc::O_WRONLY)?;
-                    sys::ftruncate(fd.as_fd(), size)?;
-                }
-            }
+            // The daemon may open the upper copy for writing whatever its
+            // mode: the kernel already checked the caller's right to truncate.
+            let fd = sys::openat(parent.as_fd(), &name, libc::O_WRONLY, 0)?;
+            sys::ftruncate(fd.as_fd(), size)?;
         }
         if change.atime.is_some() || change.mtime.is_some() {
             sys::utimensat(
@@ -405,6 +437,32 @@ impl UnionFs {
             )?;
         }
         self.getattr(ino, None)
+    }
+
+    /// setattr of a file that has no name left, through one of its handles.
+    fn setattr_open(&self, ino: u64, change: AttrChange) -> SysResult<Stat> {
+        let file = self.open_file_of(ino).ok_or(Errno::ENOENT)?;
+        let fd = file.as_fd();
+        if change.uid.is_some() || change.gid.is_some() || change.ctime {
+            sys::fchown_fd(fd, change.uid, change.gid)?;
+        }
+        if let Some(mode) = change.mode {
+            sys::fchmod_fd(fd, mode & 0o7777)?;
+        }
+        if let Some(size) = change.size {
+            let writable = sys::reopen(fd, libc::O_WRONLY)?;
+            sys::ftruncate(writable.as_fd(), size)?;
+        }
+        if change.atime.is_some() || change.mtime.is_some() {
+            sys::futimens(fd, change.atime.unwrap_or(SetTime::Omit), change.mtime.unwrap_or(SetTime::Omit))?;
+        }
+        Ok(self.present(ino, sys::fstat(fd)?))
+    }
+
+    /// Any open file of `ino` (for a file whose last name is gone).
+    fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        let handle = lock(&self.files).iter().find(|(_, open)| open.ino == ino).map(|(h, _)| *h)?;
+        self.file(handle).ok()
     }
 
     pub fn readlink(&self, ino: u64) -> SysResult<OsString> {
@@ -462,8 +520,13 @@ impl UnionFs {
             }
             if kind == libc::S_IFREG && lower_nlink > 1 {
                 // Remember the copy so the other names of this hard link
-                // keep sharing it.
+                // keep sharing it, with the count of names it has.
                 if let Some(index) = &self.index {
+                    XattrTarget::new(work.as_fd(), &temp)?.set(
+                        &self.namespace().strata("nlink"),
+                        &lower_nlink.to_le_bytes(),
+                        0,
+                    )?;
                     match sys::linkat(work.as_fd(), &temp, index.as_fd(), &index_name(ino)) {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(err) => log::warn!("cannot index hard link {ino}: {err}"),
@@ -479,7 +542,10 @@ impl UnionFs {
             let mut table = lock(&self.table);
             let node = table.get_mut(ino)?;
             node.in_upper = true;
-            node.indexed = node.indexed || (kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some());
+            if kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some() && !node.indexed {
+                node.indexed = true;
+                node.nlink = Some(lower_nlink);
+            }
         }
         Monitor::count(&self.monitor.copy_ups, 1);
         Monitor::count(&self.monitor.copied_bytes, copied);
@@ -649,7 +715,7 @@ impl UnionFs {
         let (entry, file) = self.install(parent, name, caller, mode, |work, temp| {
             sys::openat(work.as_fd(), temp, open_flags, 0o600).map(File::from)
         })?;
-        Ok((entry, self.add_file(file)))
+        Ok((entry, self.add_file(entry.ino, file, false)))
     }
 
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> SysResult<Entry> {
@@ -666,11 +732,10 @@ impl UnionFs {
         }
         self.copy_up(ino, false)?;
         self.copy_up(new_parent, false)?;
-        let path = self.upper_path(ino)?;
-        let old_dir = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
-        let old_name = path.file_name().ok_or(Errno::EINVAL)?;
+        let (old_dir, old_name) = self.parent_and_name(&self.location(ino)?)?;
         let new_dir = self.upper_dir(new_parent)?;
-        self.link_into_place(old_dir.as_fd(), old_name, new_dir.as_fd(), new_name)?;
+        self.link_into_place(old_dir.as_fd(), &old_name, new_dir.as_fd(), new_name)?;
+        self.adjust_nlink(ino, 1)?;
         let resolved = self.resolve(new_parent, new_name)?.ok_or(Errno::ENOENT)?;
         Ok(self.remember(new_parent, new_name, resolved))
     }
@@ -756,6 +821,16 @@ impl UnionFs {
         if is_dir && !self.stack.list(&self.dir_sources(ino)?)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
+        let lower_hard_link = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            node.kind == libc::S_IFREG && !node.in_upper && !node.indexed && node.lower_nlink > 1
+        };
+        if lower_hard_link {
+            // Its other names must show one link less: copy it up so the
+            // count has a place to live.
+            self.copy_up(ino, false)?;
+        }
         self.copy_up(parent, false)?;
         let upper_parent = self.upper_dir(parent)?;
         if self.lower_has(parent, name)? {
@@ -768,6 +843,36 @@ impl UnionFs {
             sys::unlinkat(upper_parent.as_fd(), name, is_dir)?;
         }
         lock(&self.table).remove_name(ino, parent, &name.to_owned());
+        if !is_dir {
+            self.adjust_nlink(ino, -1)?;
+        }
+        Ok(())
+    }
+
+    fn read_nlink(&self, ino: u64) -> Option<u64> {
+        let index = self.index.as_ref()?;
+        let xattrs = XattrTarget::new(index.as_fd(), &index_name(ino)).ok()?;
+        let value = xattrs.get_opt(&self.namespace().strata("nlink")).ok()??;
+        Some(u64::from_le_bytes(value.try_into().ok()?))
+    }
+
+    /// A name of a copied-up hard link was added or removed: keep its count.
+    /// When the last name goes, so does the index entry.
+    fn adjust_nlink(&self, ino: u64, delta: i64) -> SysResult<()> {
+        let (Some(index), Some(current)) = (&self.index, lock(&self.table).get(ino)?.nlink) else {
+            return Ok(());
+        };
+        let count = current.saturating_add_signed(delta);
+        if count == 0 {
+            let _ = sys::unlinkat(index.as_fd(), &index_name(ino), false);
+        } else {
+            XattrTarget::new(index.as_fd(), &index_name(ino))?.set(
+                &self.namespace().strata("nlink"),
+                &count.to_le_bytes(),
+                0,
+            )?;
+        }
+        lock(&self.table).get_mut(ino)?.nlink = Some(count);
         Ok(())
     }
 
@@ -835,10 +940,10 @@ impl UnionFs {
 
         self.copy_up(parent, false)?;
         self.copy_up(new_parent, false)?;
-        self.prepare_for_move(ino)?;
+        self.prepare_for_move(ino, parent, name)?;
         if exchange {
             if let Some(target) = target {
-                self.prepare_for_move(target)?;
+                self.prepare_for_move(target, new_parent, new_name)?;
             }
         }
         let old_dir = self.upper_dir(parent)?;
@@ -884,11 +989,16 @@ impl UnionFs {
         if leave_whiteout {
             self.note_whiteout(parent, name);
         }
-        let mut table = lock(&self.table);
-        if let Some(target) = target {
-            table.remove_name(target, new_parent, &new_name.to_owned());
+        {
+            let mut table = lock(&self.table);
+            if let Some(target) = target {
+                table.remove_name(target, new_parent, &new_name.to_owned());
+            }
+            table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
         }
-        table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+        if let Some(target) = target {
+            self.adjust_nlink(target, -1)?;
+        }
         Ok(())
     }
 
@@ -908,8 +1018,18 @@ impl UnionFs {
     /// Copy a node up before it moves. A directory with lower content gets
     /// a redirect to where that content lives (the kernel's redirect_dir),
     /// so it keeps its lower entries under the new name.
-    fn prepare_for_move(&self, ino: u64) -> SysResult<()> {
+    fn prepare_for_move(&self, ino: u64, parent: u64, name: &OsStr) -> SysResult<()> {
         self.copy_up(ino, false)?;
+        let indexed = lock(&self.table).get(ino)?.indexed;
+        if indexed {
+            // This name of a copied-up hard link may still be only in a
+            // lower layer: link it from the index so it can move.
+            let dir = self.upper_dir(parent)?;
+            if !sys::exists_at(dir.as_fd(), name)? {
+                let index = self.index.as_ref().ok_or(Errno::EROFS)?;
+                self.link_into_place(index.as_fd(), &index_name(ino), dir.as_fd(), name)?;
+            }
+        }
         let (is_dir, lower_path) = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
@@ -951,14 +1071,27 @@ impl UnionFs {
 
     // ----- files ----------------------------------------------------------
 
-    fn add_file(&self, file: File) -> u64 {
+    fn add_file(&self, ino: u64, file: File, on_lower: bool) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(handle, Arc::new(OpenFile { file }));
+        let open = OpenFile { ino, on_lower: AtomicBool::new(on_lower), file: Mutex::new(Arc::new(file)) };
+        lock(&self.files).insert(handle, Arc::new(open));
         handle
     }
 
-    fn file(&self, handle: u64) -> SysResult<Arc<OpenFile>> {
-        lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)
+    /// The file behind a handle, moved to the upper copy if one was made
+    /// since the handle was opened on a lower copy.
+    fn file(&self, handle: u64) -> SysResult<Arc<File>> {
+        let open = lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)?;
+        if open.on_lower.load(Ordering::Relaxed) {
+            let moved = lock(&self.table).get(open.ino).map(|n| n.in_upper || n.indexed).unwrap_or(false);
+            if moved {
+                let location = self.location(open.ino)?;
+                let upper = self.open_location(&location, libc::O_RDONLY)?;
+                *lock(&open.file) = Arc::new(upper);
+                open.on_lower.store(false, Ordering::Relaxed);
+            }
+        }
+        Ok(lock(&open.file).clone())
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> SysResult<u64> {
@@ -982,7 +1115,8 @@ impl UnionFs {
             }
             other => other?,
         };
-        Ok(self.add_file(file))
+        let on_lower = matches!(&location, Location::Layer(source) if !self.stack.is_upper(source.layer));
+        Ok(self.add_file(ino, file, on_lower))
     }
 
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
@@ -990,7 +1124,7 @@ impl UnionFs {
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {
-            let got = sys::pread(file.file.as_fd(), &mut buf[filled..], offset + filled as u64)?;
+            let got = sys::pread(file.as_fd(), &mut buf[filled..], offset + filled as u64)?;
             if got == 0 {
                 break;
             }
@@ -1002,7 +1136,7 @@ impl UnionFs {
 
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let file = self.file(handle)?;
-        sys::pwrite(file.file.as_fd(), data, offset)
+        sys::pwrite(file.as_fd(), data, offset)
     }
 
     pub fn release(&self, handle: u64) {
@@ -1013,15 +1147,15 @@ impl UnionFs {
         if !self.options.fsync {
             return Ok(());
         }
-        sys::fsync(self.file(handle)?.file.as_fd(), data_only)
+        sys::fsync(self.file(handle)?.as_fd(), data_only)
     }
 
     pub fn fallocate(&self, handle: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
-        sys::fallocate(self.file(handle)?.file.as_fd(), mode, offset, len)
+        sys::fallocate(self.file(handle)?.as_fd(), mode, offset, len)
     }
 
     pub fn lseek(&self, handle: u64, offset: i64, whence: i32) -> SysResult<i64> {
-        sys::lseek(self.file(handle)?.file.as_fd(), offset, whence)
+        sys::lseek(self.file(handle)?.as_fd(), offset, whence)
     }
 
     // ----- directories ----------------------------------------------------
