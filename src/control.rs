@@ -109,7 +109,12 @@ fn stats_text(fs: &UnionFs, mountpoint: &Path) -> String {
     let mut text = format!("mount           {}\n", mountpoint.display());
     text += "lookups served\n";
     for (layer, count) in m.lookups_per_layer.iter().enumerate() {
-        text += &format!("  {:<22} {:>8}   {}\n", fs.stack.describe(layer), get(count), fs.stack.layers[layer].path.display());
+        text += &format!(
+            "  {:<22} {:>8}   {}\n",
+            fs.stack.describe(layer),
+            get(count),
+            fs.stack.layers[layer].path.display()
+        );
     }
     let (rss, peak) = memory();
     text += &format!("copy-ups        {} ({} copied)\n", get(&m.copy_ups), human_bytes(get(&m.copied_bytes)));

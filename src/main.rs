@@ -130,7 +130,9 @@ fn init_logging(verbose: u8, debug: bool) {
     // fuser warns when it finds the mount already gone at exit, which is
     // the normal end after `strata umount`: keep that quiet unless debugging.
     let filter = if debug { level.to_string() } else { format!("{level},fuser::session=error") };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).format_timestamp_millis().init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
+        .format_timestamp_millis()
+        .init();
 }
 
 fn mount(args: MountArgs) -> Result<(), String> {
@@ -150,11 +152,8 @@ fn mount(args: MountArgs) -> Result<(), String> {
         let to_terminal = target.as_os_str() == "-";
         let format = trace_format(&args.trace_format, to_terminal)?;
         config.foreground |= to_terminal;
-        config.trace = Some(config::TraceConfig {
-            file: (!to_terminal).then_some(target),
-            format,
-            lookups: args.trace_all,
-        });
+        config.trace =
+            Some(config::TraceConfig { file: (!to_terminal).then_some(target), format, lookups: args.trace_all });
     }
     init_logging(args.verbose, config.debug);
     config.validate().map_err(|err| err.to_string())?;
