@@ -77,10 +77,10 @@ pub fn run(config: MountConfig) -> Result<(), String> {
 
     let record = write_record(&config);
     let socket = runtime_path(&config.mountpoint, "sock");
-    if let Some(socket) = &socket {
-        if let Err(err) = crate::control::serve(fs.clone(), socket, &config.mountpoint) {
-            log::warn!("no control socket ({}): {err}", socket.display());
-        }
+    if let Some(socket) = &socket
+        && let Err(err) = crate::control::serve(fs.clone(), socket, &config.mountpoint)
+    {
+        log::warn!("no control socket ({}): {err}", socket.display());
     }
     if let Some(trace) = &config.trace {
         let sink: Box<dyn std::io::Write + Send> = match &trace.file {

@@ -114,7 +114,6 @@ pub struct ListEntry {
     /// A libc::DT_* value.
     pub kind: u8,
     pub ino: u64,
-    pub layer: LayerId,
 }
 
 pub struct LayerStack {
@@ -179,10 +178,6 @@ impl LayerStack {
             lower_dirs: lru(LOWER_DIR_CACHE),
             lower_listings: lru(LOWER_LISTING_CACHE),
         })
-    }
-
-    pub fn upper(&self) -> Option<LayerId> {
-        self.has_upper.then_some(0)
     }
 
     pub fn is_upper(&self, layer: LayerId) -> bool {
@@ -410,10 +405,8 @@ impl LayerStack {
     fn layer_listing(&self, source: &Source) -> SysResult<Option<Arc<LayerListing>>> {
         let key = (source.layer, source.path.clone());
         let cacheable = !self.is_upper(source.layer);
-        if cacheable {
-            if let Some(listing) = lock(&self.lower_listings).get(&key) {
-                return Ok(Some(listing.clone()));
-            }
+        if cacheable && let Some(listing) = lock(&self.lower_listings).get(&key) {
+            return Ok(Some(listing.clone()));
         }
         let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
             Ok(fd) => fd,
@@ -451,13 +444,12 @@ impl LayerStack {
                 ino = stat.st_ino;
             }
             let mut stable = self.stable_ino(source.layer, ino);
-            if upper {
-                if let Some(origin) = Marks::read(&XattrTarget::new(dir.as_fd(), &entry.name)?, self.namespace)?.origin
-                {
-                    stable = origin;
-                }
+            if upper
+                && let Some(origin) = Marks::read(&XattrTarget::new(dir.as_fd(), &entry.name)?, self.namespace)?.origin
+            {
+                stable = origin;
             }
-            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
+            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable });
         }
         let listing = Arc::new(listing);
         if cacheable {

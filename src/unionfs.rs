@@ -347,14 +347,14 @@ impl UnionFs {
             // A hard link with a copy in the index: a lower name is served
             // from that copy (another name was copied up), and every name
             // shows the count kept with it.
-            if let Some(index) = &self.index {
-                if let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino)) {
-                    if !in_upper {
-                        stat = copy;
-                    }
-                    indexed = true;
-                    nlink = self.read_nlink(resolved.ino);
+            if let Some(index) = &self.index
+                && let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino))
+            {
+                if !in_upper {
+                    stat = copy;
                 }
+                indexed = true;
+                nlink = self.read_nlink(resolved.ino);
             }
         }
         let node = Node {
@@ -941,10 +941,8 @@ impl UnionFs {
         self.copy_up(parent, false)?;
         self.copy_up(new_parent, false)?;
         self.prepare_for_move(ino, parent, name)?;
-        if exchange {
-            if let Some(target) = target {
-                self.prepare_for_move(target, new_parent, new_name)?;
-            }
+        if exchange && let Some(target) = target {
+            self.prepare_for_move(target, new_parent, new_name)?;
         }
         let old_dir = self.upper_dir(parent)?;
         let new_dir = self.upper_dir(new_parent)?;
