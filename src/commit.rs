@@ -46,8 +46,16 @@ pub struct CommitArgs {
     #[command(flatten)]
     pub layers: LayerArgs,
     /// Where to write the layer ("-" for standard output).
-    #[arg(long, value_name = "FILE")]
-    pub output: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "image", conflicts_with = "image")]
+    pub output: Option<PathBuf>,
+    /// Add the layer to an OCI image layout as image TAG: the image it
+    /// came from (see --from) with this layer on top.
+    #[arg(long, value_name = "LAYOUT:TAG")]
+    pub image: Option<String>,
+    /// The image of the layout the container was made from (default: TAG
+    /// itself when the layout has it, else its only image, else none).
+    #[arg(long = "from", value_name = "REF", requires = "image")]
+    pub from: Option<String>,
     /// How to compress the layer.
     #[arg(long, value_enum, default_value_t = Compression::None)]
     pub compression: Compression,
@@ -80,20 +88,37 @@ pub fn run(args: CommitArgs) -> Result<(), String> {
         }
         Some(text) => Some(parse_epoch(text)?),
     };
-    let to_stdout = args.output.as_os_str() == "-";
+    if let Some(image) = &args.image {
+        let (layout, tag) = split_image(image)?;
+        let created = clamp.unwrap_or_else(now_seconds);
+        let (written, manifest) =
+            oci::add_layer(&views, &layout, &tag, args.from.as_deref(), args.compression, clamp, created)?;
+        print!(
+            "diff_id {}\ndigest {}\nsize {}\nmanifest {}\nimage {}:{}\n",
+            written.diff_id,
+            written.digest,
+            written.size,
+            manifest,
+            layout.display(),
+            tag
+        );
+        return Ok(());
+    }
+    let output = args.output.unwrap_or_else(|| PathBuf::from("-"));
+    let to_stdout = output.as_os_str() == "-";
     let written = if to_stdout {
         let stdout = io::stdout();
         write_layer(&views, stdout.lock(), args.compression, clamp)?.0
     } else {
         // Written beside the target and renamed: a failure leaves no half file.
-        let mut temp = args.output.clone().into_os_string();
+        let mut temp = output.clone().into_os_string();
         temp.push(".partial");
         let temp = PathBuf::from(temp);
         let file = File::create(&temp).map_err(|err| format!("cannot create {}: {err}", temp.display()))?;
         let result = write_layer(&views, file, args.compression, clamp).and_then(|(written, file)| {
             file.sync_all().map_err(|err| format!("cannot write {}: {err}", temp.display()))?;
-            std::fs::rename(&temp, &args.output)
-                .map_err(|err| format!("cannot rename {} to {}: {err}", temp.display(), args.output.display()))?;
+            std::fs::rename(&temp, &output)
+                .map_err(|err| format!("cannot rename {} to {}: {err}", temp.display(), output.display()))?;
             Ok(written)
         });
         if result.is_err() {
@@ -108,6 +133,22 @@ pub fn run(args: CommitArgs) -> Result<(), String> {
         print!("{report}");
     }
     Ok(())
+}
+
+/// "LAYOUT:TAG" (the last colon splits; no colon means tag "latest").
+fn split_image(text: &str) -> Result<(PathBuf, String), String> {
+    let (layout, tag) = match text.rsplit_once(':') {
+        Some((layout, tag)) if !tag.contains('/') => (layout, tag),
+        _ => (text, "latest"),
+    };
+    if layout.is_empty() || tag.is_empty() {
+        return Err(format!("--image {text:?}: expected LAYOUT:TAG"));
+    }
+    Ok((PathBuf::from(layout), tag.to_string()))
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn parse_epoch(text: &str) -> Result<u64, String> {
@@ -564,9 +605,219 @@ fn pax_header_name(path: &[u8]) -> Vec<u8> {
     name
 }
 
+/// Adding a layer to an OCI image layout (image-spec's image-layout.md).
+mod oci {
+    use std::path::Path;
+
+    use serde_json::{Value, json};
+
+    use super::{Compression, Hashing, Written, write_layer};
+    use crate::diff::Views;
+
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+    fn layer_type(compression: Compression) -> &'static str {
+        match compression {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+
+    fn ref_name(descriptor: &Value) -> Option<&str> {
+        descriptor.get("annotations")?.get(REF_NAME)?.as_str()
+    }
+
+    fn read_json(path: &Path) -> Result<Value, String> {
+        let text = std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+        serde_json::from_slice(&text).map_err(|err| format!("{} is not valid JSON: {err}", path.display()))
+    }
+
+    fn blob_path(layout: &Path, digest: &str) -> Result<std::path::PathBuf, String> {
+        let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("unsupported digest {digest:?}"))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("malformed digest {digest:?}"));
+        }
+        Ok(layout.join("blobs/sha256").join(hex))
+    }
+
+    /// Write `data` as a blob; its digest and size.
+    fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, u64), String> {
+        let mut hashing = Hashing::new(Vec::new());
+        std::io::Write::write_all(&mut hashing, data).map_err(|err| err.to_string())?;
+        let digest = hashing.digest();
+        write_atomically(&blob_path(layout, &digest)?, data)?;
+        Ok((digest, data.len() as u64))
+    }
+
+    fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".{}.partial", std::process::id()));
+        std::fs::write(&temp, data).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        std::fs::rename(&temp, path).map_err(|err| format!("cannot write {}: {err}", path.display()))
+    }
+
+    /// Seconds since 1970 as RFC 3339 (UTC).
+    pub fn rfc3339(seconds: u64) -> String {
+        let days = (seconds / 86_400) as i64;
+        let rest = seconds % 86_400;
+        // Howard Hinnant's civil_from_days.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest / 60 % 60, rest % 60)
+    }
+
+    fn architecture() -> &'static str {
+        match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        }
+    }
+
+    /// Write the layer into `layout` and make `tag` name the base image
+    /// plus this layer. Returns the layer's identity and the manifest digest.
+    pub fn add_layer(
+        views: &Views,
+        layout: &Path,
+        tag: &str,
+        from: Option<&str>,
+        compression: Compression,
+        clamp: Option<u64>,
+        created: u64,
+    ) -> Result<(Written, String), String> {
+        let blobs = layout.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).map_err(|err| format!("cannot create {}: {err}", blobs.display()))?;
+        let marker = layout.join("oci-layout");
+        if !marker.exists() {
+            write_atomically(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        let index_path = layout.join("index.json");
+        let mut index = if index_path.exists() {
+            read_json(&index_path)?
+        } else {
+            json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": []})
+        };
+        let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+
+        // The image the container was made from.
+        let base_name = match from {
+            Some(name) => Some(name.to_string()),
+            None if manifests.iter().any(|d| ref_name(d) == Some(tag)) => Some(tag.to_string()),
+            None if manifests.len() == 1 => ref_name(&manifests[0]).map(str::to_string),
+            None => None,
+        };
+        let base = match &base_name {
+            Some(name) => Some(
+                manifests
+                    .iter()
+                    .find(|d| ref_name(d) == Some(name))
+                    .ok_or_else(|| format!("no image {name:?} in {}", index_path.display()))?
+                    .clone(),
+            ),
+            None => None,
+        };
+        let (mut manifest, mut config) = match &base {
+            Some(descriptor) => {
+                if descriptor["mediaType"] != MANIFEST {
+                    return Err(format!(
+                        "image {:?} is a {}, not an image manifest; name one platform's image with --from",
+                        base_name.unwrap_or_default(),
+                        descriptor["mediaType"]
+                    ));
+                }
+                let manifest = read_json(&blob_path(layout, descriptor["digest"].as_str().unwrap_or(""))?)?;
+                let config = read_json(&blob_path(layout, manifest["config"]["digest"].as_str().unwrap_or(""))?)?;
+                (manifest, config)
+            }
+            None => (
+                json!({"schemaVersion": 2, "mediaType": MANIFEST, "layers": []}),
+                json!({
+                    "architecture": architecture(),
+                    "os": "linux",
+                    "config": {},
+                    "rootfs": {"type": "layers", "diff_ids": []},
+                    "history": []
+                }),
+            ),
+        };
+        let base_layers = manifest["layers"].as_array().map(Vec::len).unwrap_or(0);
+        let lowers = views.image.layers.len();
+        if base.is_some() && base_layers != lowers {
+            eprintln!(
+                "strata: warning: the base image has {base_layers} layer(s) but the container has {lowers} lower layer(s)"
+            );
+        }
+
+        // The layer, hashed while written, then named by its digest.
+        let temp = blobs.join(format!(".strata-layer-{}.partial", std::process::id()));
+        let file = std::fs::File::create(&temp).map_err(|err| format!("cannot create {}: {err}", temp.display()))?;
+        let result = write_layer(views, file, compression, clamp).and_then(|(written, file)| {
+            file.sync_all().map_err(|err| format!("cannot write {}: {err}", temp.display()))?;
+            let path = blob_path(layout, &written.digest)?;
+            std::fs::rename(&temp, &path).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+            Ok(written)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        let written = result?;
+
+        let time = rfc3339(created);
+        let diff_ids = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+        let mut diff_ids = diff_ids;
+        diff_ids.push(json!(written.diff_id));
+        config["rootfs"] = json!({"type": "layers", "diff_ids": diff_ids});
+        let mut history = config["history"].as_array().cloned().unwrap_or_default();
+        history.push(json!({"created": time, "created_by": "strata commit"}));
+        config["history"] = json!(history);
+        config["created"] = json!(time);
+        let config_bytes = serde_json::to_vec(&config).map_err(|err| err.to_string())?;
+        let (config_digest, config_size) = write_blob(layout, &config_bytes)?;
+
+        let mut layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+        layers.push(json!({"mediaType": layer_type(compression), "digest": written.digest, "size": written.size}));
+        manifest["layers"] = json!(layers);
+        manifest["config"] = json!({"mediaType": CONFIG, "digest": config_digest, "size": config_size});
+        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|err| err.to_string())?;
+        let (manifest_digest, manifest_size) = write_blob(layout, &manifest_bytes)?;
+
+        let mut entries: Vec<Value> = manifests.into_iter().filter(|d| ref_name(d) != Some(tag)).collect();
+        entries.push(json!({
+            "mediaType": MANIFEST,
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": {REF_NAME: tag}
+        }));
+        index["manifests"] = json!(entries);
+        let index_bytes = serde_json::to_vec_pretty(&index).map_err(|err| err.to_string())?;
+        write_atomically(&index_path, &index_bytes)?;
+        Ok((written, manifest_digest))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(oci::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(oci::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(oci::rfc3339(1_600_000_000), "2020-09-13T12:26:40Z");
+    }
 
     #[test]
     fn pax_record_length_counts_itself() {

@@ -100,10 +100,31 @@ fn check_directory(what: &str, path: &Path) -> Result<(), String> {
     }
 }
 
+/// The mount's record. `strata mount` returns as soon as the mount is live,
+/// and the detached daemon writes the record just after: a Strata mount
+/// without one yet gets a moment.
+fn find_record(mountpoint: &Path) -> Option<MountRecord> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        if let Some(record) = MountRecord::find(mountpoint) {
+            return Some(record);
+        }
+        let is_strata = config::mounts()
+            .iter()
+            .rev()
+            .find(|m| m.mountpoint == mountpoint)
+            .is_some_and(|m| m.fstype == "fuse.strata");
+        if !is_strata || std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn layout_of_mount(mountpoint: &Path) -> Result<Layout, String> {
     let canonical =
         std::fs::canonicalize(mountpoint).map_err(|err| format!("mount point {}: {err}", mountpoint.display()))?;
-    let record = match MountRecord::find(&canonical) {
+    let record = match find_record(&canonical) {
         Some(record) => record,
         None => {
             let mount = config::mounts().into_iter().rev().find(|m| m.mountpoint == canonical);
@@ -422,13 +443,16 @@ pub fn docker_lines(changes: &[Change], color: bool) -> Vec<u8> {
 }
 
 fn json_list(changes: &[Change]) -> Vec<u8> {
-    let list: Vec<serde_json::Value> = changes
-        .iter()
-        .map(|c| serde_json::json!({"path": c.path.to_string_lossy(), "kind": c.kind.letter().to_string()}))
-        .collect();
-    let mut text = serde_json::to_vec_pretty(&list).unwrap_or_default();
-    text.push(b'\n');
-    text
+    // Written by hand to keep "path" before "kind"; serde_json escapes the
+    // path (a name that is not UTF-8 is shown with U+FFFD).
+    let mut text = String::from("[");
+    for (i, change) in changes.iter().enumerate() {
+        let path = serde_json::to_string(&change.path.to_string_lossy()).unwrap_or_default();
+        let separator = if i == 0 { "" } else { "," };
+        text += &format!("{separator}\n  {{\"path\": {path}, \"kind\": \"{}\"}}", change.kind.letter());
+    }
+    text += if changes.is_empty() { "]\n" } else { "\n]\n" };
+    text.into_bytes()
 }
 
 fn summary(changes: &[Change], format: Format) -> Vec<u8> {

@@ -117,10 +117,10 @@ fn apply_layer(root: &Path, tar_bytes: &[u8]) {
         let header = entry.header().clone();
         let kind = header.entry_type();
         let existing = fs::symlink_metadata(&target).ok();
-        if let Some(m) = &existing {
-            if !(m.is_dir() && kind == tar::EntryType::Directory) {
-                remove_any(&target);
-            }
+        if let Some(m) = &existing
+            && !(m.is_dir() && kind == tar::EntryType::Directory)
+        {
+            remove_any(&target);
         }
         let mode = header.mode().expect("mode");
         match kind {
@@ -169,6 +169,7 @@ fn apply_layer(root: &Path, tar_bytes: &[u8]) {
 
 /// Copy the image view (a read-only mount of the lowers) to `dest`.
 fn flatten_image(l: &Layers, dest: &Path) {
+    let _one_at_a_time = mount_lock();
     let image = mount_image(l);
     sh(&format!("cp -a {}/. {}", image.mnt.display(), dest.display()));
     image.umount();
@@ -181,6 +182,7 @@ fn round_trip(build: impl FnOnce(&Layers), act: impl FnOnce(&Path)) -> (Layers, 
     build(&l);
     let out = l.root().join("layer.tar");
     let (merged, live_commit) = {
+        let _one_at_a_time = mount_lock();
         let m = StrataMount::mount(&l);
         act(&m.mnt);
         let merged = tree_snapshot(&m.mnt);
@@ -334,6 +336,7 @@ fn identity_compression_and_determinism() {
     let l = Layers::new(2);
     base_image(&l);
     {
+        let _one_at_a_time = mount_lock();
         let m = StrataMount::mount(&l);
         sh_in(&m.mnt, "echo hello > etc/new && rm -rf opt/app && mkdir -p srv/x && echo y > srv/x/y");
         m.umount();
@@ -388,4 +391,102 @@ fn refuses_upper_names_that_read_as_whiteouts() {
     assert!(!o.success());
     assert!(o.stderr.contains("/.wh.stray") && o.stderr.contains("whiteout"), "{}", o.stderr);
     assert!(!l.root().join("x.tar").exists() && !l.root().join("x.tar.partial").exists(), "no half-written file");
+}
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let data = fs::read(layout.join("blobs/sha256").join(hex)).expect("blob");
+    assert_eq!(sha256_prefixed(&data), digest, "blob content matches its name");
+    data
+}
+
+fn json_blob(layout: &Path, digest: &str) -> serde_json::Value {
+    serde_json::from_slice(&blob(layout, digest)).expect("JSON blob")
+}
+
+fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entries: Vec<&serde_json::Value> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .collect();
+    assert_eq!(entries.len(), 1, "one index entry for {tag}: {index}");
+    json_blob(layout, entries[0]["digest"].as_str().unwrap())
+}
+
+#[test]
+fn image_layout_gets_a_new_image_on_top_of_the_base() {
+    let l = Layers::new(1);
+    l.lower(0).file("etc/a", "a\n").file("opt/app/x", "x").symlink("etc/l", "a");
+    let layout = l.root().join("layout");
+    // The base image: the lower layer as the only layer (committed from an
+    // empty lower, with the lower as upper).
+    let empty = l.root().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let base_args = vec!["--lower".to_string(), s(&empty), "--upper".to_string(), s(&l.lower(0).path)];
+    let mut full = vec!["commit".to_string()];
+    full.extend(base_args);
+    full.extend(["--image".to_string(), format!("{}:base", s(&layout))]);
+    let o = strata(&full);
+    assert!(o.success(), "{o:?}");
+    assert!(layout.join("oci-layout").is_file());
+
+    let merged = {
+        let _one_at_a_time = mount_lock();
+        let m = StrataMount::mount(&l);
+        sh_in(&m.mnt, "echo b >> etc/a && rm -rf opt/app && mkdir -p srv && echo s > srv/s");
+        let merged = tree_snapshot(&m.mnt);
+        let o = strata([
+            "commit".to_string(),
+            s(&m.mnt),
+            "--image".to_string(),
+            format!("{}:v2", s(&layout)),
+            "--from".to_string(),
+            "base".to_string(),
+            "--compression".to_string(),
+            "gzip".to_string(),
+            "--reproducible=1700000000".to_string(),
+        ]);
+        assert!(o.success(), "{o:?}");
+        assert!(o.stdout.contains("manifest sha256:"), "{}", o.stdout);
+        m.umount();
+        merged
+    };
+
+    let base = manifest_of(&layout, "base");
+    let v2 = manifest_of(&layout, "v2");
+    assert_eq!(v2["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    let layers = v2["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0], base["layers"][0], "the base layer is shared");
+    assert_eq!(layers[1]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+    let config = json_blob(&layout, v2["config"]["digest"].as_str().unwrap());
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), 2);
+    assert_eq!(config["history"].as_array().unwrap().len(), 2);
+    assert_eq!(config["created"], "2023-11-14T22:13:20Z");
+
+    // Read back: every layer checked against its diff_id and applied in order.
+    let root = l.root().join("unpacked");
+    fs::create_dir(&root).unwrap();
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let data = blob(&layout, layer["digest"].as_str().unwrap());
+        assert_eq!(layer["size"], data.len() as u64);
+        let tar_bytes = if layer["mediaType"].as_str().unwrap().ends_with("+gzip") {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(data.as_slice()).read_to_end(&mut out).unwrap();
+            out
+        } else {
+            data
+        };
+        assert_eq!(sha256_prefixed(&tar_bytes), diff_id.as_str().unwrap());
+        apply_layer(&root, &tar_bytes);
+    }
+    let mut got = tree_snapshot(&root);
+    let mut want = merged;
+    got.remove(Path::new(""));
+    want.remove(Path::new(""));
+    assert_same_tree("the mount", &want, "the image read back", &got);
 }

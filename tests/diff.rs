@@ -492,6 +492,7 @@ fn errors_name_the_culprit() {
     fail(&["--lower", "/nonexistent-layer", "--upper", &upper], "/nonexistent-layer");
     fail(&["--lower", &s(&l.lower(0).path)], "no upper");
     fail(&["--lower", &s(&l.lower(0).path), "--upper", "/etc/hostname"], "not a directory");
+    let _one_at_a_time = mount_lock();
     let m = StrataMount::mount(&l);
     fail(&[&s(&m.mnt), "--upper", &upper], "not both");
     m.umount();

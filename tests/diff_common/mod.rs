@@ -99,6 +99,16 @@ pub fn mount_image(l: &Layers) -> StrataMount {
     StrataMount::from_args(&args, &mnt)
 }
 
+/// Serialises the mounts of one test binary. A daemon removes its mount
+/// record (named by the FUSE device number) after the kernel has let go of
+/// the device, so a mount made meanwhile by a parallel test may get the same
+/// number and lose its record; `strata diff MOUNTPOINT` then cannot find
+/// the layers. One mount at a time keeps the tests about diff.
+pub fn mount_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Run one scenario: build the image, act in a live mount, and check that
 /// `strata diff MOUNT`, the two-tree oracle, and both offline forms all
 /// print exactly `expected`.
@@ -107,6 +117,7 @@ pub fn scenario(build: impl FnOnce(&Layers), act: impl FnOnce(&Path), expected: 
     build(&l);
     let want = lines(expected);
     {
+        let _one_at_a_time = mount_lock();
         let m = StrataMount::mount(&l);
         act(&m.mnt);
         let got = diff_output(&[s(&m.mnt)]);
