@@ -432,6 +432,14 @@ impl<W: Write> LayerWriter<'_, W> {
         let xattrs = XattrTarget::new(dir.as_fd(), file_name).map_err(|e| sys_error(rel, e))?;
         let mut names = xattrs.list().map_err(|e| sys_error(rel, e))?;
         names.sort();
+        if names.iter().any(|n| n.as_bytes().ends_with(b"overlay.metacopy")) {
+            // The kernel's metacopy=on: the data is still in a lower layer.
+            return Err(format!(
+                "{} in the upper layer holds metadata only (overlay metacopy); Strata cannot commit such an upper: \
+                 copy the data up first (mount it without metacopy and rewrite the file)",
+                display_member(rel)
+            ));
+        }
         for attr in names {
             let bytes = attr.as_bytes();
             let wanted = bytes == b"security.capability" || bytes.starts_with(b"user.");

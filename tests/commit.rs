@@ -490,3 +490,141 @@ fn image_layout_gets_a_new_image_on_top_of_the_base() {
     want.remove(Path::new(""));
     assert_same_tree("the mount", &want, "the image read back", &got);
 }
+
+// ---------------------------------------------------------------------------
+// Uppers written by the kernel's overlayfs (redirect_dir=on): the kernel is
+// the container view, strata diff and commit read its upper at rest.
+// ---------------------------------------------------------------------------
+
+fn kernel_scenario(act: impl FnOnce(&Path), expected: &[&str]) {
+    let l = Layers::new(2);
+    base_image(&l);
+    let want = lines(expected);
+    let merged = {
+        let _one_at_a_time = mount_lock();
+        let kernel = KernelOverlay::mount_layers(&l);
+        act(&kernel.mnt);
+        let merged = tree_snapshot(&kernel.mnt);
+        let image = mount_image(&l);
+        let oracle = two_tree_diff(&image.mnt, &kernel.mnt);
+        image.umount();
+        kernel.umount();
+        assert_eq!(oracle, want, "the two-tree comparison of the kernel's views disagrees with the expectation");
+        merged
+    };
+    assert_eq!(diff_output(&offline_args(&l)), want, "strata diff of the kernel's upper");
+    let out = l.root().join("layer.tar");
+    commit(&offline_args(&l), &out, &[]);
+    let applied = l.root().join("applied");
+    fs::create_dir(&applied).unwrap();
+    flatten_image(&l, &applied);
+    apply_layer(&applied, &fs::read(&out).unwrap());
+    let mut got = tree_snapshot(&applied);
+    let mut want_tree = merged;
+    got.remove(Path::new(""));
+    want_tree.remove(Path::new(""));
+    assert_same_tree("the kernel's mount", &want_tree, "image + layer", &got);
+}
+
+#[test]
+fn kernel_upper_issue_example() {
+    kernel_scenario(
+        |m| sh_in(m, "rm -rf opt/app && mkdir opt/app && echo n > opt/app/new"),
+        &["C /opt", "C /opt/app", "A /opt/app/new", "D /opt/app/old1", "D /opt/app/old2", "D /opt/app/sub"],
+    );
+}
+
+#[test]
+fn kernel_upper_renamed_directories() {
+    // Across directories the kernel writes an absolute redirect, within one
+    // a relative one.
+    kernel_scenario(
+        |m| {
+            fs::rename(m.join("opt/app"), m.join("srv/app")).unwrap();
+            fs::rename(m.join("opt/other"), m.join("opt/renamed")).unwrap();
+            fs::write(m.join("opt/renamed/z"), "z").unwrap();
+        },
+        &[
+            "C /opt",
+            "A /opt/renamed",
+            "A /opt/renamed/y",
+            "A /opt/renamed/z",
+            "D /opt/app",
+            "D /opt/other",
+            "C /srv",
+            "A /srv/app",
+            "A /srv/app/old1",
+            "A /srv/app/old2",
+            "A /srv/app/sub",
+            "A /srv/app/sub/x",
+        ],
+    );
+}
+
+#[test]
+fn kernel_upper_swapped_directories_and_changes() {
+    kernel_scenario(
+        |m| {
+            fs::rename(m.join("opt/app"), m.join("tmp/app")).unwrap();
+            fs::rename(m.join("opt/other"), m.join("opt/app")).unwrap();
+            fs::set_permissions(m.join("etc/hosts"), fs::Permissions::from_mode(0o600)).unwrap();
+            fs::remove_file(m.join("etc/b.conf")).unwrap();
+            fs::write(m.join("var/gone"), "back").unwrap();
+        },
+        &[
+            "C /etc",
+            "C /etc/hosts",
+            "D /etc/b.conf",
+            "C /opt",
+            "C /opt/app",
+            "A /opt/app/y",
+            "D /opt/app/old1",
+            "D /opt/app/old2",
+            "D /opt/app/sub",
+            "D /opt/other",
+            "C /tmp",
+            "A /tmp/app",
+            "A /tmp/app/old1",
+            "A /tmp/app/old2",
+            "A /tmp/app/sub",
+            "A /tmp/app/sub/x",
+            "C /var",
+            "A /var/gone",
+        ],
+    );
+}
+
+#[test]
+fn rootless_xattr_whiteouts() {
+    // The kernel's userxattr format: an empty file marked
+    // user.overlay.whiteout, in a directory marked user.overlay.opaque=x.
+    let l = Layers::new(1);
+    l.lower(0).file("etc/a", "a").file("etc/hosts", "h").dir("lib/old").file("lib/old/f", "f");
+    l.upper.dir("etc").xattr("etc", "user.overlay.opaque", b"x").file("etc/a", "");
+    l.upper.xattr("etc/a", "user.overlay.whiteout", b"y");
+    l.upper.opaque("lib", "user.overlay.opaque").file("lib/new", "n");
+    assert_eq!(diff_output(&offline_args(&l)), lines(&["C /etc", "D /etc/a", "C /lib", "A /lib/new", "D /lib/old"]));
+    let out = l.root().join("layer.tar");
+    commit(&offline_args(&l), &out, &[]);
+    let names: Vec<String> = members(&fs::read(&out).unwrap()).into_iter().map(|m| m.0).collect();
+    assert_eq!(names, ["etc/", "etc/.wh.a", "lib/", "lib/.wh..wh..opq", "lib/new"]);
+    // The markers are not user data: no PAX records for them.
+    let mut archive = tar::Archive::new(fs::File::open(&out).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        assert!(entry.pax_extensions().unwrap().is_none(), "{:?} has PAX records", entry.path());
+    }
+}
+
+#[test]
+fn refuses_metacopy_uppers() {
+    let l = Layers::new(1);
+    l.lower(0).file("big", "data");
+    l.upper.file("big", "").xattr("big", "trusted.overlay.metacopy", b"");
+    let mut args = vec!["commit".to_string()];
+    args.extend(offline_args(&l));
+    args.extend(["--output".to_string(), s(&l.root().join("x.tar"))]);
+    let o = strata(&args);
+    assert!(!o.success());
+    assert!(o.stderr.contains("/big") && o.stderr.contains("metacopy"), "{}", o.stderr);
+}
