@@ -30,7 +30,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     };
     let stack = LayerStack::open(config.upper.as_deref(), &config.lowers, namespace)
         .map_err(|err| format!("cannot open the layers: {err}"))?;
-    let options = FsOptions { fsync: config.fsync, static_nlink: config.static_nlink };
+    let options = FsOptions {
+        fsync: config.fsync,
+        static_nlink: config.static_nlink,
+        uids: config.uids.clone(),
+        gids: config.gids.clone(),
+    };
     let fs = UnionFs::new(stack, config.work.as_deref(), options)
         .map_err(|err| format!("cannot prepare work directory: {err}"))?;
     let fs = Arc::new(fs);

@@ -12,6 +12,7 @@ mod copyup;
 mod daemon;
 mod diff;
 mod fuse;
+mod idmap;
 mod inodes;
 mod layers;
 mod sys;

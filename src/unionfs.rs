@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::idmap::IdMap;
 use crate::inodes::{InodeTable, Node, ROOT};
 use crate::layers::{self, LayerStack, Source, XattrNamespace};
 use crate::sys::{self, Errno, SetTime, Stat, SysResult, XattrTarget};
@@ -46,6 +47,9 @@ pub struct FsOptions {
     pub fsync: bool,
     /// Report st_nlink 1 for every directory (`static_nlink`).
     pub static_nlink: bool,
+    /// Ownership shifting between the layers and the mount.
+    pub uids: IdMap,
+    pub gids: IdMap,
 }
 
 /// A looked-up entry: its inode number and attributes.
@@ -288,6 +292,8 @@ impl UnionFs {
     /// The attributes the mount shows for a node, from the stat of its copy.
     fn present(&self, ino: u64, mut stat: Stat) -> Stat {
         stat.st_ino = ino;
+        stat.st_uid = self.options.uids.shown(stat.st_uid);
+        stat.st_gid = self.options.gids.shown(stat.st_gid);
         if let Ok(node) = lock(&self.table).get(ino) {
             if node.is_dir() && (self.options.static_nlink || node.is_merged_dir()) {
                 // The kernel's overlayfs reports 1 for merged directories:
@@ -416,7 +422,9 @@ impl UnionFs {
         // chown(-1, -1) changes nothing but ctime, which only a change can set.
         let touch_only = change.ctime && change == AttrChange { ctime: true, ..AttrChange::default() };
         if change.uid.is_some() || change.gid.is_some() || touch_only {
-            sys::fchownat(parent.as_fd(), &name, change.uid, change.gid)?;
+            let uid = change.uid.map(|id| self.options.uids.stored(id));
+            let gid = change.gid.map(|id| self.options.gids.stored(id));
+            sys::fchownat(parent.as_fd(), &name, uid, gid)?;
         }
         if let Some(mode) = change.mode {
             let fd = sys::openat(parent.as_fd(), &name, libc::O_PATH, 0)?;
@@ -444,7 +452,9 @@ impl UnionFs {
         let file = self.open_file_of(ino).ok_or(Errno::ENOENT)?;
         let fd = file.as_fd();
         if change.uid.is_some() || change.gid.is_some() || change.ctime {
-            sys::fchown_fd(fd, change.uid, change.gid)?;
+            let uid = change.uid.map(|id| self.options.uids.stored(id));
+            let gid = change.gid.map(|id| self.options.gids.stored(id));
+            sys::fchown_fd(fd, uid, gid)?;
         }
         if let Some(mode) = change.mode {
             sys::fchmod_fd(fd, mode & 0o7777)?;
@@ -638,14 +648,15 @@ impl UnionFs {
             // New entries belong to the caller; a setgid directory passes
             // its group (and, to directories, the setgid bit) on.
             let inherit = parent_stat.st_mode & libc::S_ISGID != 0;
-            let gid = if inherit { parent_stat.st_gid } else { caller.gid };
-            sys::fchownat(work.as_fd(), &temp, Some(caller.uid), Some(gid))?;
+            let caller_gid = self.options.gids.stored(caller.gid);
+            let gid = if inherit { parent_stat.st_gid } else { caller_gid };
+            sys::fchownat(work.as_fd(), &temp, Some(self.options.uids.stored(caller.uid)), Some(gid))?;
             if mode & libc::S_IFMT != libc::S_IFLNK {
                 let mut perm = mode & 0o7777;
                 if is_dir && inherit {
                     perm |= libc::S_ISGID;
                 }
-                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller.gid && caller.uid != 0 {
+                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller_gid && caller.uid != 0 {
                     perm &= !libc::S_ISGID;
                 }
                 let fd = sys::openat(work.as_fd(), &temp, libc::O_PATH, 0)?;

@@ -1548,3 +1548,30 @@ fn unprivileged_mount_writes_user_xattr_markers() {
     assert_eq!(ls(&km.p("d")), ["g"]);
     assert_eq!(ls(&km.p("e")), ["new"]);
 }
+
+/// uidmapping/gidmapping (fuse-overlayfs's meaning): ids stored in the
+/// layers are shown shifted, and what a caller creates or chowns is stored
+/// shifted back; squash_to_* show one id for all.
+#[test]
+fn uid_and_gid_mappings_shift_ownership_both_ways() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "x").owner("f", 1000, 1000).dir("d").mode("d", 0o777);
+    let opts = format!("{},uidmapping=0:100000:65536,gidmapping=0:200000:65536", l.overlay_opts());
+    let m = StrataMount::mount_opts(&opts, &l.mnt);
+    let meta = fs::symlink_metadata(m.p("f")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (101000, 201000), "stored 1000 is shown shifted");
+    let o = sh_as_user(100007, 200007, &format!("touch '{}'", m.p("d/new").display()));
+    assert!(o.success(), "{}", o.stderr);
+    let stored = fs::symlink_metadata(l.upper.p("d/new")).unwrap();
+    assert_eq!((stored.uid(), stored.gid()), (7, 7), "a new file is stored with the unshifted ids");
+    let shown = fs::symlink_metadata(m.p("d/new")).unwrap();
+    assert_eq!((shown.uid(), shown.gid()), (100007, 200007));
+    lchown(&m.p("f"), 100005, 200006).unwrap();
+    let stored = fs::symlink_metadata(l.upper.p("f")).unwrap();
+    assert_eq!((stored.uid(), stored.gid()), (5, 6), "chown stores the unshifted ids");
+    drop(m);
+
+    let squashed = StrataMount::mount_opts(&format!("{},squash_to_root", l.overlay_opts()), &l.mnt);
+    let meta = fs::symlink_metadata(squashed.p("d/new")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "squash_to_root shows every file as root's");
+}
