@@ -307,22 +307,19 @@ impl Filesystem for StrataFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            // The kernel may keep listings: every change to a directory goes
+            // through this mount, and the kernel drops its copy on each one.
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
             Err(err) => reply.error(errno(err)),
         }
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let next = offset + i as u64 + 1;
-                    if reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let result = self.fs.readdir(fh.0, offset, |next, item| {
+            reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(err)),
         }
     }

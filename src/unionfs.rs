@@ -90,7 +90,10 @@ struct OpenFile {
 }
 
 struct OpenDir {
-    items: Vec<DirItem>,
+    ino: u64,
+    /// The merged listing, taken at the first readdir: when the kernel
+    /// serves the directory from its own cache, it is never built.
+    items: std::sync::OnceLock<Vec<DirItem>>,
 }
 
 /// The scratch directory kept inside the work directory, as the kernel does.
@@ -1171,11 +1174,17 @@ impl UnionFs {
 
     /// Snapshot the merged listing; readdir offsets index into it.
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
+        if !lock(&self.table).get(ino)?.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(handle, Arc::new(OpenDir { ino, items: std::sync::OnceLock::new() }));
+        Ok(handle)
+    }
+
+    fn list_dir(&self, ino: u64) -> SysResult<Vec<DirItem>> {
         let sources = self.dir_sources(ino)?;
-        let parent = {
-            let table = lock(&self.table);
-            table.get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT)
-        };
+        let parent = lock(&self.table).get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT);
         let mut items = vec![
             DirItem { ino, kind: libc::DT_DIR, name: ".".into() },
             DirItem { ino: parent, kind: libc::DT_DIR, name: "..".into() },
@@ -1183,15 +1192,27 @@ impl UnionFs {
         for entry in self.stack.list(&sources)? {
             items.push(DirItem { ino: entry.ino, kind: entry.kind, name: entry.name });
         }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(handle, Arc::new(OpenDir { items }));
-        Ok(handle)
+        Ok(items)
     }
 
-    /// Entries from `offset` on (offset N means "after the Nth entry").
-    pub fn readdir(&self, handle: u64, offset: u64) -> SysResult<Vec<DirItem>> {
+    /// Hand the entries from `offset` on (offset N means "after the Nth
+    /// entry") to `add`, with the offset of the next one, until it says the
+    /// reply is full.
+    pub fn readdir(&self, handle: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
         let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
-        Ok(dir.items.iter().skip(offset as usize).cloned().collect())
+        let items = match dir.items.get() {
+            Some(items) => items,
+            None => {
+                let listed = self.list_dir(dir.ino)?;
+                dir.items.get_or_init(|| listed)
+            }
+        };
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            if add(i as u64 + 1, item) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn releasedir(&self, handle: u64) {
