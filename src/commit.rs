@@ -830,11 +830,11 @@ mod tests {
     #[test]
     fn pax_record_length_counts_itself() {
         let records = pax_records(&[("path".to_string(), b"a".to_vec())]);
-        assert_eq!(records, b"10 path=a\n");
+        assert_eq!(records, b"9 path=a\n");
         let value = vec![b'x'; 95];
         let records = pax_records(&[("path".to_string(), value)]);
-        assert_eq!(records.len(), 104);
-        assert!(records.starts_with(b"104 path="));
+        assert_eq!(records.len(), 105);
+        assert!(records.starts_with(b"105 path="));
     }
 
     #[test]

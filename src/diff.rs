@@ -335,10 +335,13 @@ fn upper_names(stack: &LayerStack, upper: &Source) -> SysResult<Vec<OsString>> {
 /// what docker compares).
 fn capability(stack: &LayerStack, source: &Source) -> SysResult<Option<Vec<u8>>> {
     let (Some(parent), Some(name)) = (source.path.parent(), source.path.file_name()) else { return Ok(None) };
-    let dir = stack.open_dir(source.layer, parent, libc::O_PATH)?;
-    match XattrTarget::new(dir.as_fd(), name)?.get_opt(OsStr::new("security.capability")) {
+    let value = stack
+        .open_dir(source.layer, parent, libc::O_PATH)
+        .and_then(|dir| XattrTarget::new(dir.as_fd(), name)?.get_opt(OsStr::new("security.capability")));
+    match value {
         Ok(value) => Ok(value),
-        Err(Errno::EPERM | Errno::EACCES) => Ok(None),
+        // Gone since the lookup (a running container), or not ours to read.
+        Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EPERM | Errno::EACCES) => Ok(None),
         Err(err) => Err(err),
     }
 }

@@ -628,3 +628,25 @@ fn refuses_metacopy_uppers() {
     assert!(!o.success());
     assert!(o.stderr.contains("/big") && o.stderr.contains("metacopy"), "{}", o.stderr);
 }
+
+#[test]
+fn kernel_upper_nested_renames() {
+    // The inner directory's redirect is relative to its renamed parent.
+    kernel_scenario(
+        |m| {
+            fs::rename(m.join("opt/app"), m.join("opt/app2")).unwrap();
+            fs::rename(m.join("opt/app2/sub"), m.join("opt/app2/sub2")).unwrap();
+            fs::write(m.join("opt/app2/sub2/w"), "w").unwrap();
+        },
+        &[
+            "C /opt",
+            "A /opt/app2",
+            "A /opt/app2/old1",
+            "A /opt/app2/old2",
+            "A /opt/app2/sub2",
+            "A /opt/app2/sub2/w",
+            "A /opt/app2/sub2/x",
+            "D /opt/app",
+        ],
+    );
+}

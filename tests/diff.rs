@@ -500,3 +500,27 @@ fn errors_name_the_culprit() {
     fail(&[&s(&ro.mnt)], "read-only");
     ro.umount();
 }
+
+#[test]
+fn nested_renames() {
+    scenario(
+        base_image,
+        |m| {
+            fs::rename(m.join("opt/app"), m.join("opt/app2")).unwrap();
+            fs::rename(m.join("opt/app2/sub"), m.join("opt/app2/sub2")).unwrap();
+            fs::rename(m.join("opt/app2"), m.join("srv/app3")).unwrap();
+            fs::write(m.join("srv/app3/sub2/w"), "w").unwrap();
+        },
+        &[
+            "C /opt",
+            "D /opt/app",
+            "C /srv",
+            "A /srv/app3",
+            "A /srv/app3/old1",
+            "A /srv/app3/old2",
+            "A /srv/app3/sub2",
+            "A /srv/app3/sub2/w",
+            "A /srv/app3/sub2/x",
+        ],
+    );
+}
