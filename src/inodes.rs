@@ -36,6 +36,9 @@ pub struct Node {
     /// layers (a copied-up lower hard link), kept in the copy's
     /// `strata.nlink` xattr because no single layer knows it.
     pub nlink: Option<u64>,
+    /// Known to have no extended attributes a user can see: getxattr
+    /// (asked by `ls -l` for every file) is answered without I/O.
+    pub no_xattrs: bool,
     /// How many lookups the kernel holds.
     pub lookups: u64,
 }

@@ -155,6 +155,7 @@ impl UnionFs {
             indexed: false,
             lower_nlink: 0,
             nlink: None,
+            no_xattrs: false,
             lookups: 1,
         };
         Ok(UnionFs {
@@ -374,6 +375,7 @@ impl UnionFs {
             indexed,
             lower_nlink,
             nlink,
+            no_xattrs: false,
             lookups: 0,
         };
         lock(&self.table).remember(resolved.ino, node);
@@ -765,6 +767,14 @@ impl UnionFs {
     /// Put a whiteout at `name` in the upper directory `dir`, replacing
     /// whatever upper entry is there (atomically).
     fn whiteout(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+        // Nothing in the upper under that name: one mknod is atomic already.
+        if self.whiteouts == WhiteoutStyle::Device {
+            match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EEXIST) => {}
+                Err(err) => return Err(err),
+            }
+        }
         let work = self.work()?;
         let temp = self.temp_name();
         match self.whiteouts {
@@ -847,7 +857,9 @@ impl UnionFs {
         }
         self.copy_up(parent, false)?;
         let upper_parent = self.upper_dir(parent)?;
-        if self.lower_has(parent, name)? {
+        // An entry not in the upper comes from a lower layer; one in the
+        // upper may hide a lower one that must stay hidden.
+        if !in_upper || self.lower_has(parent, name)? {
             self.whiteout(upper_parent.as_fd(), name)?;
             self.note_whiteout(parent, name);
         } else if in_upper {
@@ -1251,15 +1263,32 @@ impl UnionFs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> SysResult<Vec<u8>> {
-        if layers::is_private_xattr(name) {
+        if layers::is_private_xattr(name) || lock(&self.table).get(ino)?.no_xattrs {
             return Err(Errno::ENODATA);
         }
-        self.with_xattrs(ino, |x| x.get(name))
+        match self.with_xattrs(ino, |x| x.get(name)) {
+            // Most files have no xattrs at all: learn that once.
+            Err(Errno::ENODATA) => {
+                self.listxattr(ino)?;
+                Err(Errno::ENODATA)
+            }
+            other => other,
+        }
     }
 
     pub fn listxattr(&self, ino: u64) -> SysResult<Vec<OsString>> {
-        let names = self.with_xattrs(ino, |x| x.list())?;
-        Ok(names.into_iter().filter(|n| !layers::is_private_xattr(n)).collect())
+        let names: Vec<OsString> =
+            self.with_xattrs(ino, |x| x.list())?.into_iter().filter(|n| !layers::is_private_xattr(n)).collect();
+        if names.is_empty() {
+            lock(&self.table).get_mut(ino)?.no_xattrs = true;
+        }
+        Ok(names)
+    }
+
+    fn xattrs_changed(&self, ino: u64) {
+        if let Ok(node) = lock(&self.table).get_mut(ino) {
+            node.no_xattrs = false;
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
@@ -1268,6 +1297,7 @@ impl UnionFs {
             return Err(Errno::EPERM);
         }
         self.copy_up(ino, false)?;
+        self.xattrs_changed(ino);
         self.with_xattrs(ino, |x| x.set(name, value, flags))
     }
 
