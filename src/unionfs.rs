@@ -390,12 +390,11 @@ impl UnionFs {
         if let Some(file) = handle.and_then(|h| self.file(h).ok()) {
             return Ok(self.present(ino, sys::fstat(file.as_fd())?));
         }
-        let location = self.location(ino)?;
         let stat = if ino == ROOT {
-            let fd = self.open_location(&location, libc::O_PATH)?;
+            let fd = self.open_location(&self.location(ino)?, libc::O_PATH)?;
             sys::fstat(fd.as_fd())?
         } else {
-            match self.stat_location(&location) {
+            match self.location(ino).and_then(|location| self.stat_location(&location)) {
                 Ok(stat) => stat,
                 // fstat(2) of an unlinked open file comes without a handle.
                 Err(Errno::ENOENT) => match self.open_file_of(ino) {
@@ -424,8 +423,10 @@ impl UnionFs {
         if !sys::exists_at(parent.as_fd(), &name)? {
             return self.setattr_open(ino, change);
         }
-        // chown(-1, -1) changes nothing but ctime, which only a change can set.
-        let touch_only = change.ctime && change == AttrChange { ctime: true, ..AttrChange::default() };
+        // chown(-1, -1) changes nothing but ctime, which only a change can
+        // set. Without writeback caching the kernel sends it as a setattr
+        // with no field at all.
+        let touch_only = change == AttrChange { ctime: change.ctime, ..AttrChange::default() };
         if change.uid.is_some() || change.gid.is_some() || touch_only {
             let uid = change.uid.map(|id| self.options.uids.stored(id));
             let gid = change.gid.map(|id| self.options.gids.stored(id));

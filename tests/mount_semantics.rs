@@ -1575,3 +1575,25 @@ fn uid_and_gid_mappings_shift_ownership_both_ways() {
     let meta = fs::symlink_metadata(squashed.p("d/new")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "squash_to_root shows every file as root's");
 }
+
+/// fstat and fchmod of a file whose last name is gone reach it through an
+/// open descriptor (the kernel sends no handle with fstat); pjdfstest
+/// unlink/14.t found this.
+#[test]
+fn fstat_and_fchmod_of_an_unlinked_open_file() {
+    let l = Layers::new(1);
+    l.lower(0).file("lower", "from below");
+    let m = StrataMount::mount(&l);
+    fs::write(m.p("new"), "Hello").unwrap();
+    for name in ["new", "lower"] {
+        let f = fs::OpenOptions::new().read(true).write(name == "new").open(m.p(name)).unwrap();
+        fs::remove_file(m.p(name)).unwrap();
+        let meta = f.metadata().expect("fstat of an unlinked open file");
+        assert!(meta.len() > 0, "{name}: size survives unlink");
+        if name == "new" {
+            assert_eq!(meta.nlink(), 0, "an unlinked file has no links");
+            f.set_permissions(fs::Permissions::from_mode(0o600)).expect("fchmod of an unlinked open file");
+            assert_eq!(f.metadata().unwrap().mode() & 0o7777, 0o600);
+        }
+    }
+}
