@@ -57,18 +57,18 @@ fn matches(pattern: &str, actual: &str) -> bool {
     true
 }
 
-/// Unmounts the lab's mount even when an assertion fails.
+/// Unmounts the lab's mounts even when an assertion fails.
 struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let merged = self.0.join("merged");
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        if mounts.contains(&format!(" {} ", merged.display())) {
+        let prefix = format!("{}/", self.0.display());
+        for mountpoint in mounts.lines().filter_map(|line| line.split(' ').nth(1)).filter(|m| m.starts_with(&prefix)) {
             let strata = env!("CARGO_BIN_EXE_strata");
-            let ok = Command::new(strata).arg("umount").arg(&merged).status().map(|s| s.success()).unwrap_or(false);
+            let ok = Command::new(strata).arg("umount").arg(mountpoint).status().map(|s| s.success()).unwrap_or(false);
             if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&merged).status();
+                let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
             }
         }
         let _ = std::fs::remove_dir_all(&self.0);
