@@ -42,7 +42,7 @@ impl IdMap {
     /// colon.
     pub fn parse(text: &str) -> Result<Vec<IdRange>, BadMapping> {
         let numbers: Vec<&str> = text.trim_start_matches(':').split(':').collect();
-        if numbers.is_empty() || numbers.len() % 3 != 0 {
+        if numbers.is_empty() || !numbers.len().is_multiple_of(3) {
             return Err(BadMapping(format!("{text:?} is not a list of STORED:SHOWN:LENGTH triples")));
         }
         let parse = |n: &str| n.parse::<u32>().map_err(|_| BadMapping(format!("{n:?} in {text:?} is not an id")));
