@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::sys::{Errno, SetTime, Stat, SysResult};
@@ -130,7 +131,13 @@ impl StrataFuse {
 impl Filesystem for StrataFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open, so a truncating open skips copying data.
-        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS;
+        // Readdirplus hands out attributes with names, saving a lookup per
+        // entry for `ls -l` and `rm -rf`; "auto" lets the kernel use it only
+        // when lookups follow a listing.
+        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         if self.parallel {
             wanted |= InitFlags::FUSE_PARALLEL_DIROPS;
         }
@@ -317,6 +324,16 @@ impl Filesystem for StrataFuse {
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let result = self.fs.readdir(fh.0, offset, |next, item| {
             reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let result = self.fs.readdirplus(fh.0, offset, |next, item, entry| {
+            reply.add(INodeNo(entry.ino), next, &item.name, &self.ttl, &attr(&entry.stat), Generation(0))
         });
         match result {
             Ok(()) => reply.ok(),

@@ -326,7 +326,12 @@ impl UnionFs {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
-        let layer = resolved.top.layer;
+        self.note_served(parent, name, resolved.top.layer);
+        Ok(self.remember(parent, name, resolved))
+    }
+
+    /// Count (and trace) which layer served a name to the kernel.
+    fn note_served(&self, parent: u64, name: &OsStr, layer: layers::LayerId) {
         if let Some(counter) = self.monitor.lookups_per_layer.get(layer) {
             Monitor::count(counter, 1);
         }
@@ -336,7 +341,6 @@ impl UnionFs {
                 layer: self.stack.describe(layer),
             });
         }
-        Ok(self.remember(parent, name, resolved))
     }
 
     fn remember(&self, parent: u64, name: &OsStr, resolved: layers::Resolved) -> Entry {
@@ -1224,6 +1228,48 @@ impl UnionFs {
             if add(i as u64 + 1, item) {
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Like `readdir`, with each entry looked up: `add` gets its attributes
+    /// too. Every entry the reply takes counts as a lookup of it, as the
+    /// kernel counts it (except "." and "..").
+    pub fn readdirplus(
+        &self,
+        handle: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &DirItem, &Entry) -> bool,
+    ) -> SysResult<()> {
+        let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
+        let items = match dir.items.get() {
+            Some(items) => items,
+            None => {
+                let listed = self.list_dir(dir.ino)?;
+                dir.items.get_or_init(|| listed)
+            }
+        };
+        let mut own: Option<Entry> = None;
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
+            if item.name == "." || item.name == ".." {
+                let entry = match own {
+                    Some(entry) => entry,
+                    None => *own.insert(Entry { ino: dir.ino, stat: self.getattr(dir.ino, None)? }),
+                };
+                if add(next, item, &entry) {
+                    break;
+                }
+                continue;
+            }
+            let Some(resolved) = self.resolve(dir.ino, &item.name)? else { continue };
+            let layer = resolved.top.layer;
+            let entry = self.remember(dir.ino, &item.name, resolved);
+            if add(next, item, &entry) {
+                self.forget(entry.ino, 1); // it did not fit: not handed out
+                break;
+            }
+            self.note_served(dir.ino, &item.name, layer);
         }
         Ok(())
     }
