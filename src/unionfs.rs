@@ -98,6 +98,8 @@ struct OpenDir {
 
 /// The scratch directory kept inside the work directory, as the kernel does.
 const WORK_SUBDIR: &str = "work";
+/// The whiteout inode every whiteout of the upper is a link to.
+const SHARED_WHITEOUT: &str = "#strata-whiteout";
 /// Hard-linked lower files that were copied up, by inode number, so their
 /// other names keep sharing the copy.
 const INDEX_SUBDIR: &str = "strata-index";
@@ -772,18 +774,19 @@ impl UnionFs {
     /// Put a whiteout at `name` in the upper directory `dir`, replacing
     /// whatever upper entry is there (atomically).
     fn whiteout(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
-        // Nothing in the upper under that name: one mknod is atomic already.
+        let work = self.work()?;
+        // Nothing in the upper under that name: one link of the shared
+        // whiteout is atomic already.
         if self.whiteouts == WhiteoutStyle::Device {
-            match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
+            match self.link_shared_whiteout(work.as_fd(), dir, name) {
                 Ok(()) => return Ok(()),
                 Err(Errno::EEXIST) => {}
                 Err(err) => return Err(err),
             }
         }
-        let work = self.work()?;
         let temp = self.temp_name();
         match self.whiteouts {
-            WhiteoutStyle::Device => sys::mknodat(work.as_fd(), &temp, libc::S_IFCHR, 0)?,
+            WhiteoutStyle::Device => self.link_shared_whiteout(work.as_fd(), work.as_fd(), &temp)?,
             WhiteoutStyle::Xattr => {
                 let file = sys::openat(work.as_fd(), &temp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
                 drop(file);
@@ -818,6 +821,34 @@ impl UnionFs {
     fn note_whiteout(&self, parent: u64, name: &OsStr) {
         Monitor::count(&self.monitor.whiteouts, 1);
         self.monitor.emit(|| Event::Whiteout { path: self.shown_child_path(parent, name) });
+    }
+
+    /// Make `name` in `dir` a whiteout by linking the one whiteout inode
+    /// kept in the work directory, as the kernel's overlayfs does: making a
+    /// new inode per deleted file costs far more than a link.
+    fn link_shared_whiteout(
+        &self,
+        work: std::os::fd::BorrowedFd<'_>,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> SysResult<()> {
+        let shared = OsStr::new(SHARED_WHITEOUT);
+        for _ in 0..3 {
+            match sys::linkat(work, shared, dir, name) {
+                Err(Errno::ENOENT) => match sys::mknodat(work, shared, libc::S_IFCHR, 0) {
+                    Ok(()) | Err(Errno::EEXIST) => continue,
+                    Err(err) => return Err(err),
+                },
+                // Too many links: start a new shared whiteout.
+                Err(Errno::EMLINK) => {
+                    let fresh = self.temp_name();
+                    sys::mknodat(work, &fresh, libc::S_IFCHR, 0)?;
+                    sys::renameat2(work, &fresh, work, shared, 0)?;
+                }
+                other => return other,
+            }
+        }
+        sys::mknodat(dir, name, libc::S_IFCHR, 0)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
