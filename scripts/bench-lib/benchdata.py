@@ -1,7 +1,7 @@
 """The benchmark's data, built once and cached: three lower layers (a base
 root filesystem, a second layer of packages over it, a synthetic layer), 500
 tiny layers for the mount-time rows, and `native`, the three layers merged
-into one plain directory (hard links) for the native column.
+into one plain directory (a copy) for the native column.
 
 Full data: the base is `debootstrap --variant=minbase` of the suite in the
 apt sources (or, when debootstrap cannot reach a mirror, the .debs of a
@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 # Bump to rebuild a part when its recipe changes.
-VERSIONS = {"base": 1, "layer2": 1, "synth": 2, "layers500": 1, "native": 1}
+VERSIONS = {"base": 1, "layer2": 1, "synth": 2, "layers500": 1, "native": 2}
 
 # Debian's minbase: the "required" packages plus apt (bookworm names). Only
 # for the fallback when debootstrap cannot fetch.
@@ -288,7 +288,10 @@ def build_layers500(root):
 
 
 def merge_into(src, dst):
-    """Lay `src` over `dst` as an overlay would show it, with hard links."""
+    """Lay `src` over `dst` as an overlay would show it, as a copy. Not with
+    hard links: a lower file with a link count of 2 is a hard link to Strata
+    (and to the kernel with index=on), which an unlink or a copy-up must keep
+    linked, and that would be measured instead."""
     with os.scandir(src) as it:
         for e in it:
             s, t = Path(e.path), dst / e.name
@@ -308,7 +311,18 @@ def merge_into(src, dst):
                         shutil.rmtree(t)
                     else:
                         t.unlink()
-                os.link(s, t, follow_symlinks=False)
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    shutil.copy2(s, t)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(s), t)
+                    os.utime(t, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                else:  # devices, fifos, sockets
+                    os.mknod(t, st.st_mode, st.st_rdev)
+                    os.utime(t, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.chown(t, st.st_uid, st.st_gid, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    os.chmod(t, stat.S_IMODE(st.st_mode))  # after chown, which clears setuid
 
 
 def build_native(root, lowers, log):
@@ -317,7 +331,7 @@ def build_native(root, lowers, log):
     key = " ".join(str(_stamp(root, n).stat().st_mtime_ns) for n in ("base", "layer2", "synth"))
     if _done(root, "native") and _stamp(root, "native").read_text() == key:
         return
-    log("merging the layers into the native directory (hard links)")
+    log("merging the layers into the native directory (a copy)")
     _fresh(native)
     for layer in reversed(lowers):
         merge_into(layer, native)
