@@ -802,3 +802,36 @@ fn random_operations() {
         assert_same_tree(&format!("seed {seed}: the mount"), &want, "image + layer", &got);
     }
 }
+
+#[test]
+fn output_to_stdout_and_clear_errors() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "a");
+    l.upper.file("b", "b");
+    let mut args = vec!["commit".to_string()];
+    args.extend(offline_args(&l));
+    args.extend(["--output".to_string(), "-".to_string()]);
+    let o = run(Command::new(strata_bin()).args(&args), Duration::from_secs(30));
+    assert!(o.success(), "{o:?}");
+    // The report goes to standard error when the layer goes to standard output.
+    assert!(o.stderr.contains("diff_id sha256:"), "{}", o.stderr);
+    let file = l.root().join("b.tar");
+    commit(&offline_args(&l), &file, &[]);
+    assert_eq!(o.stdout.as_bytes(), fs::read(&file).unwrap().as_slice());
+
+    let fail = |args: &[String], needle: &str| {
+        let mut full = vec!["commit".to_string()];
+        full.extend(args.iter().cloned());
+        let o = strata(&full);
+        assert!(!o.success(), "strata {full:?} must fail");
+        assert!(o.stderr.contains(needle), "strata {full:?}: {:?} must mention {needle:?}", o.stderr);
+    };
+    fail(&offline_args(&l), "--output");
+    let mut bad = offline_args(&l);
+    bad.extend(["--output".to_string(), s(&file), "--reproducible=soon".to_string()]);
+    fail(&bad, "not a number");
+    let _one_at_a_time = mount_lock();
+    let ro = StrataMount::mount_ro(&l);
+    fail(&[s(&ro.mnt), "--output".to_string(), s(&file)], "read-only");
+    ro.umount();
+}
