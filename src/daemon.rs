@@ -47,7 +47,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         fs.whiteout_style()
     );
 
-    let adapter = StrataFuse { fs: fs.clone(), ttl: config.timeout, parallel: config.threads > 1 };
+    let adapter = || StrataFuse { fs: fs.clone(), ttl: config.timeout, parallel: config.threads > 1 };
     let mut fuse_config = Config::default();
     fuse_config.mount_options = mount_options(&config, fs.is_read_only());
     // As root, other users may use the mount (a container's processes are
@@ -64,8 +64,30 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     }
     signals.thread_block().map_err(|err| format!("cannot block signals: {err}"))?;
 
-    let mut session = Session::new(adapter, &config.mountpoint, &fuse_config)
-        .map_err(|err| format!("cannot mount {}: {err}", config.mountpoint.display()))?;
+    // Strata mounts the FUSE device itself when it may (root, or root in a
+    // user namespace), and fuser only serves it: fuser would otherwise
+    // unmount the mount point's path when the session ends, which can hit
+    // a new mount made there after an external unmount (a runtime
+    // restarting a container). Without that right, fusermount3 mounts.
+    let mount_error = |err: String| format!("cannot mount {}: {err}", config.mountpoint.display());
+    let (mut session, own_mount) = match sys::fuse_mount(
+        &config.mountpoint,
+        "strata",
+        &kernel_options(fuse_config.acl),
+        mount_flags(&config, fs.is_read_only()),
+    ) {
+        Ok(device) => {
+            let session = Session::from_fd(adapter(), device, fuse_config.acl, fuse_config.clone())
+                .map_err(|err| mount_error(err.to_string()))?;
+            (session, true)
+        }
+        Err(sys::Errno::EPERM) => {
+            let session = Session::new(adapter(), &config.mountpoint, &fuse_config)
+                .map_err(|err| mount_error(err.to_string()))?;
+            (session, false)
+        }
+        Err(err) => return Err(mount_error(err.to_string())),
+    };
 
     // What a caller may use as soon as `strata mount` returns (the trace
     // file, the control socket, the mount record) is made before the
@@ -117,7 +139,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {
             log::info!("{signal:?}: unmounting {}", mountpoint.display());
-            if let Err(err) = unmounter.unmount() {
+            let result = if own_mount {
+                sys::umount(&mountpoint, false).map_err(|err| err.to_string())
+            } else {
+                unmounter.unmount().map_err(|err| err.to_string())
+            };
+            if let Err(err) = result {
                 log::warn!("unmount failed: {err}; detaching");
                 let _ = sys::umount(&mountpoint, true);
             }
@@ -145,6 +172,33 @@ fn unsafe_exit_success() -> ! {
     // std::process::exit runs no destructors, so the session's unmount
     // guard stays armed only in the child.
     std::process::exit(0)
+}
+
+/// The kernel's FUSE options for a mount made by Strata itself.
+fn kernel_options(acl: SessionACL) -> String {
+    let mut options = "default_permissions,subtype=strata".to_string();
+    if acl == SessionACL::All {
+        options += ",allow_other";
+    }
+    options
+}
+
+/// The generic mount flags for a mount made by Strata itself.
+fn mount_flags(config: &MountConfig, read_only: bool) -> libc::c_ulong {
+    let mut flags = 0;
+    if !config.suid {
+        flags |= libc::MS_NOSUID;
+    }
+    if !config.dev {
+        flags |= libc::MS_NODEV;
+    }
+    if !config.exec {
+        flags |= libc::MS_NOEXEC;
+    }
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    flags
 }
 
 fn mount_options(config: &MountConfig, read_only: bool) -> Vec<MountOption> {

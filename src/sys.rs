@@ -570,6 +570,29 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Mount a FUSE filesystem at `mountpoint` with mount(2) and return the
+/// /dev/fuse descriptor that serves it. `options` are the kernel's FUSE
+/// mount options beyond the descriptor, root mode and owner.
+pub fn fuse_mount(mountpoint: &Path, source: &str, options: &str, flags: libc::c_ulong) -> SysResult<OwnedFd> {
+    let root = std::fs::metadata(mountpoint).map_err(io_errno)?;
+    let device = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(io_errno)?;
+    let device: OwnedFd = device.into();
+    let data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},{options}",
+        device.as_raw_fd(),
+        std::os::unix::fs::MetadataExt::mode(&root) & libc::S_IFMT,
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+    );
+    let c_source = cstr(OsStr::new(source))?;
+    let c_target = cstr(mountpoint.as_os_str())?;
+    let c_data = cstr(OsStr::new(&data))?;
+    check(unsafe {
+        libc::mount(c_source.as_ptr(), c_target.as_ptr(), c"fuse".as_ptr(), flags, c_data.as_ptr().cast())
+    })?;
+    Ok(device)
+}
+
 /// Unmount `path` (lazily when `detach`).
 pub fn umount(path: &Path, detach: bool) -> SysResult<()> {
     let c_path = cstr(path.as_os_str())?;
