@@ -100,31 +100,10 @@ fn check_directory(what: &str, path: &Path) -> Result<(), String> {
     }
 }
 
-/// The mount's record. `strata mount` returns as soon as the mount is live,
-/// and the detached daemon writes the record just after: a Strata mount
-/// without one yet gets a moment.
-fn find_record(mountpoint: &Path) -> Option<MountRecord> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        if let Some(record) = MountRecord::find(mountpoint) {
-            return Some(record);
-        }
-        let is_strata = config::mounts()
-            .iter()
-            .rev()
-            .find(|m| m.mountpoint == mountpoint)
-            .is_some_and(|m| m.fstype == "fuse.strata");
-        if !is_strata || std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 fn layout_of_mount(mountpoint: &Path) -> Result<Layout, String> {
     let canonical =
         std::fs::canonicalize(mountpoint).map_err(|err| format!("mount point {}: {err}", mountpoint.display()))?;
-    let record = match find_record(&canonical) {
+    let record = match MountRecord::find(&canonical) {
         Some(record) => record,
         None => {
             let mount = config::mounts().into_iter().rev().find(|m| m.mountpoint == canonical);
