@@ -122,6 +122,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             Ok(0) => {
                 sys::setsid();
                 sys::detach_stdio();
+                // Do not keep the caller's directory (perhaps inside another
+                // mount) busy for the life of the daemon.
+                let _ = std::env::set_current_dir("/");
             }
             Ok(child) => {
                 write_record(&config, child);
@@ -327,7 +330,18 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
     }
     let daemon = MountRecord::find(&mountpoint).map(|record| record.pid);
     if sys::geteuid() == 0 {
-        sys::umount(&mountpoint, false).map_err(|err| format!("cannot unmount {}: {err}", mountpoint.display()))?;
+        // A process walking the tree (find, a backup, an indexer) can keep
+        // it busy for a moment: try again briefly before giving up.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match sys::umount(&mountpoint, false) {
+                Ok(()) => break,
+                Err(sys::Errno::EBUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(err) => {
+                    return Err(format!("cannot unmount {}: {err} (is a process using it?)", mountpoint.display()));
+                }
+            }
+        }
     } else {
         let status = std::process::Command::new("fusermount3")
             .arg("-u")
