@@ -92,6 +92,7 @@ struct MountArgs {
     threads: Option<usize>,
     /// Print each event that changes the layers (copy-up, whiteout, ...):
     /// to FILE, or to this terminal (the mount then stays in the foreground).
+    /// `--trace=all` adds lookups on the terminal (a file named "all": `./all`).
     #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true, default_missing_value = "-")]
     trace: Option<PathBuf>,
     /// With --trace: lookups too, showing which layer served each path.
@@ -150,11 +151,15 @@ fn mount(args: MountArgs) -> Result<(), String> {
         config.threads = threads.clamp(1, 64);
     }
     if let Some(target) = args.trace {
-        let to_terminal = target.as_os_str() == "-";
+        let all = target.as_os_str() == "all";
+        let to_terminal = target.as_os_str() == "-" || all;
         let format = trace_format(&args.trace_format, to_terminal)?;
         config.foreground |= to_terminal;
-        config.trace =
-            Some(config::TraceConfig { file: (!to_terminal).then_some(target), format, lookups: args.trace_all });
+        config.trace = Some(config::TraceConfig {
+            file: (!to_terminal).then_some(target),
+            format,
+            lookups: args.trace_all || all,
+        });
     }
     init_logging(args.verbose, config.debug);
     config.validate().map_err(|err| err.to_string())?;
