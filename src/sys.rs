@@ -224,33 +224,59 @@ fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
     CString::new(path).unwrap_or_default()
 }
 
+type GetFn = unsafe extern "C" fn(*const libc::c_char, *const libc::c_char, *mut libc::c_void, usize) -> isize;
+type SetFn =
+    unsafe extern "C" fn(*const libc::c_char, *const libc::c_char, *const libc::c_void, usize, libc::c_int) -> i32;
+type RemoveFn = unsafe extern "C" fn(*const libc::c_char, *const libc::c_char) -> i32;
+type ListFn = unsafe extern "C" fn(*const libc::c_char, *mut libc::c_char, usize) -> isize;
+
 /// Extended attributes of `name` in `dir`, without following a final symlink.
 /// The directory is reached through its /proc/self/fd magic link, which names
 /// the directory itself; `name` is one component and is not followed.
 pub struct XattrTarget<'a> {
     path: CString,
+    /// For a descriptor's own file: the /proc magic link must be followed
+    /// (the l*xattr calls would act on the link itself and fail).
+    follow: bool,
     _dir: BorrowedFd<'a>,
 }
 
 impl<'a> XattrTarget<'a> {
     pub fn new(dir: BorrowedFd<'a>, name: &OsStr) -> SysResult<Self> {
         cstr(name)?;
-        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), _dir: dir })
+        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), follow: false, _dir: dir })
     }
 
     /// The target is the file the descriptor itself refers to.
     pub fn fd(fd: BorrowedFd<'a>) -> Self {
-        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), _dir: fd }
+        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, _dir: fd }
+    }
+
+    fn getxattr_fn(&self) -> GetFn {
+        if self.follow { libc::getxattr } else { libc::lgetxattr }
+    }
+
+    fn setxattr_fn(&self) -> SetFn {
+        if self.follow { libc::setxattr } else { libc::lsetxattr }
+    }
+
+    fn removexattr_fn(&self) -> RemoveFn {
+        if self.follow { libc::removexattr } else { libc::lremovexattr }
+    }
+
+    fn listxattr_fn(&self) -> ListFn {
+        if self.follow { libc::listxattr } else { libc::llistxattr }
     }
 
     pub fn get(&self, attr: &OsStr) -> SysResult<Vec<u8>> {
         let c_attr = cstr(attr)?;
         loop {
-            let size =
-                check_size(unsafe { libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), std::ptr::null_mut(), 0) })?;
+            let size = check_size(unsafe {
+                self.getxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), std::ptr::null_mut(), 0)
+            })?;
             let mut buf = vec![0u8; size];
             match check_size(unsafe {
-                libc::lgetxattr(self.path.as_ptr(), c_attr.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                self.getxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
             }) {
                 Ok(len) => {
                     buf.truncate(len);
@@ -274,21 +300,21 @@ impl<'a> XattrTarget<'a> {
     pub fn set(&self, attr: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
         let c_attr = cstr(attr)?;
         check(unsafe {
-            libc::lsetxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            self.setxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
         })?;
         Ok(())
     }
 
     pub fn remove(&self, attr: &OsStr) -> SysResult<()> {
         let c_attr = cstr(attr)?;
-        check(unsafe { libc::lremovexattr(self.path.as_ptr(), c_attr.as_ptr()) })?;
+        check(unsafe { self.removexattr_fn()(self.path.as_ptr(), c_attr.as_ptr()) })?;
         Ok(())
     }
 
     /// The names of all attributes.
     pub fn list(&self) -> SysResult<Vec<OsString>> {
         loop {
-            let size = match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), std::ptr::null_mut(), 0) }) {
+            let size = match check_size(unsafe { self.listxattr_fn()(self.path.as_ptr(), std::ptr::null_mut(), 0) }) {
                 Ok(size) => size,
                 Err(Errno::EOPNOTSUPP) => return Ok(Vec::new()),
                 Err(err) => return Err(err),
@@ -297,7 +323,7 @@ impl<'a> XattrTarget<'a> {
                 return Ok(Vec::new());
             }
             let mut buf = vec![0u8; size];
-            match check_size(unsafe { libc::llistxattr(self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
+            match check_size(unsafe { self.listxattr_fn()(self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
                 Ok(len) => {
                     buf.truncate(len);
                     return Ok(buf
