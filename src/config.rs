@@ -74,6 +74,9 @@ pub struct MountConfig {
     pub threads: usize,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
+    /// A directory (holding the upper and work directories) that the
+    /// daemon removes once unmounted: `mount --image --ephemeral`.
+    pub ephemeral: Option<PathBuf>,
 }
 
 impl Default for MountConfig {
@@ -95,6 +98,7 @@ impl Default for MountConfig {
             timeout: Duration::from_secs(3600),
             threads: 2,
             ignored: Vec::new(),
+            ephemeral: None,
         }
     }
 }

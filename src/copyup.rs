@@ -90,13 +90,12 @@ pub fn copy_entry(
 pub fn remove_temp(work: BorrowedFd<'_>, name: &OsStr) {
     match sys::fstatat(work, name) {
         Ok(stat) if stat.st_mode & libc::S_IFMT == libc::S_IFDIR => {
-            if let Ok(dir) = sys::openat(work, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
-                if let Ok(handle) = sys::dup(dir.as_fd()) {
-                    if let Ok(entries) = sys::read_dir(dir) {
-                        for entry in entries {
-                            remove_temp(handle.as_fd(), &entry.name);
-                        }
-                    }
+            if let Ok(dir) = sys::openat(work, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                && let Ok(handle) = sys::dup(dir.as_fd())
+                && let Ok(entries) = sys::read_dir(dir)
+            {
+                for entry in entries {
+                    remove_temp(handle.as_fd(), &entry.name);
                 }
             }
             let _ = sys::unlinkat(work, name, true);

@@ -100,6 +100,19 @@ impl Resolved {
     }
 }
 
+/// What one layer alone holds under a name, whiteouts read (for
+/// `strata whence`).
+#[derive(Clone, Debug)]
+pub enum Presence {
+    Missing,
+    Whiteout,
+    /// An entry; for a directory, whether it is opaque (hides lower copies).
+    Entry {
+        stat: Stat,
+        opaque: bool,
+    },
+}
+
 /// What one layer holds under a name.
 enum Probe {
     Missing,
@@ -308,6 +321,15 @@ impl LayerStack {
         Ok(found)
     }
 
+    /// What layer `layer` alone holds as `name` in its directory `dir_path`.
+    pub fn presence(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Presence> {
+        Ok(match self.probe(layer, dir_path, name)? {
+            Probe::Missing => Presence::Missing,
+            Probe::Whiteout => Presence::Whiteout,
+            Probe::Entry { stat, opaque, .. } => Presence::Entry { stat, opaque },
+        })
+    }
+
     /// What layer `layer` holds as `name` in its directory `dir_path`.
     fn probe(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Probe> {
         let dir = match self.dir_handle(layer, dir_path) {
@@ -404,10 +426,8 @@ impl LayerStack {
     fn layer_listing(&self, source: &Source) -> SysResult<Option<Arc<LayerListing>>> {
         let key = (source.layer, source.path.clone());
         let cacheable = !self.is_upper(source.layer);
-        if cacheable {
-            if let Some(listing) = lock(&self.lower_listings).get(&key) {
-                return Ok(Some(listing.clone()));
-            }
+        if cacheable && let Some(listing) = lock(&self.lower_listings).get(&key) {
+            return Ok(Some(listing.clone()));
         }
         let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
             Ok(fd) => fd,
@@ -445,11 +465,10 @@ impl LayerStack {
                 ino = stat.st_ino;
             }
             let mut stable = self.stable_ino(source.layer, ino);
-            if upper {
-                if let Some(origin) = Marks::read(&XattrTarget::new(dir.as_fd(), &entry.name)?, self.namespace)?.origin
-                {
-                    stable = origin;
-                }
+            if upper
+                && let Some(origin) = Marks::read(&XattrTarget::new(dir.as_fd(), &entry.name)?, self.namespace)?.origin
+            {
+                stable = origin;
             }
             listing.entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
         }

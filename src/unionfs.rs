@@ -161,6 +161,7 @@ impl UnionFs {
         self.whiteouts
     }
 
+    #[allow(dead_code)] // kept for debugging and tests of the inode table
     pub fn cached_inodes(&self) -> usize {
         lock(&self.table).len()
     }
@@ -303,11 +304,11 @@ impl UnionFs {
         if !in_upper && kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
             // Another name of this hard link was copied up earlier: serve
             // the shared copy.
-            if let Some(index) = &self.index {
-                if let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino)) {
-                    stat = copy;
-                    indexed = true;
-                }
+            if let Some(index) = &self.index
+                && let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino))
+            {
+                stat = copy;
+                indexed = true;
             }
         }
         let node = Node {
@@ -778,10 +779,8 @@ impl UnionFs {
         self.copy_up(parent, false)?;
         self.copy_up(new_parent, false)?;
         self.prepare_for_move(ino)?;
-        if exchange {
-            if let Some(target) = target {
-                self.prepare_for_move(target)?;
-            }
+        if exchange && let Some(target) = target {
+            self.prepare_for_move(target)?;
         }
         let old_dir = self.upper_dir(parent)?;
         let new_dir = self.upper_dir(new_parent)?;

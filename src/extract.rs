@@ -1,0 +1,461 @@
+//! Safe extraction of one layer tarball into a directory.
+//!
+//! A layer tarball is untrusted input. Every write is relative to a
+//! descriptor of the layer's directory; parents are opened one component at
+//! a time with O_NOFOLLOW, so a symlink planted by an earlier member is
+//! never followed (the member is refused instead); nothing can land outside
+//! the directory. The rules, one per hostile trick:
+//!
+//! - names: a leading `/` and `.` components are dropped; any `..` left is
+//!   an error; a path longer than PATH_MAX is an error.
+//! - symlinks are created verbatim and never followed.
+//! - a hard link must point at a member already extracted from this same
+//!   layer (never at something outside it, nor at a directory).
+//! - whiteouts stay in the OCI form (`.wh.NAME`, `.wh..wh..opq`), which the
+//!   mount reads; a whiteout whose target is empty, `.` or `..` is an error.
+//! - a later member replaces an earlier one of the same name (a directory
+//!   over a directory only updates its metadata).
+//! - device nodes only when the kernel lets us make them (warned and
+//!   skipped otherwise).
+//! - owner first, then mode (chown clears suid and sgid), then xattrs (chown
+//!   clears security.capability), then times; directories get their mode
+//!   and times after their contents are in place.
+//! - xattrs from PAX records, except `trusted.*`, `*.overlay.*`,
+//!   `security.selinux` and Strata's own.
+//! - unknown member types are errors (see `tarball`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::layers::{OPAQUE_MARKER, WHITEOUT_PREFIX, is_private_xattr};
+use crate::sys::{self, Errno, SetTime, XattrTarget};
+use crate::tarball::{Header, Kind, TarError, TarReader};
+
+/// Why a layer could not be extracted; names the member when there is one.
+#[derive(Debug)]
+pub struct ExtractError {
+    pub member: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ExtractError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.member {
+            Some(member) => write!(f, "member {member:?}: {}", self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ExtractError {}
+
+impl From<TarError> for ExtractError {
+    fn from(err: TarError) -> Self {
+        ExtractError { member: None, reason: err.to_string() }
+    }
+}
+
+/// What one extraction produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExtractStats {
+    /// Members extracted (whiteouts and directories included).
+    pub entries: u64,
+    /// Bytes of regular file data.
+    pub bytes: u64,
+    /// Things left out, said once each (device nodes without privilege, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Metadata applied to a directory once everything inside it is in place.
+struct DirMeta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: libc::timespec,
+    xattrs: Vec<(OsString, Vec<u8>)>,
+}
+
+struct Extractor<'a> {
+    root: BorrowedFd<'a>,
+    /// Cleaned paths of non-directory members extracted so far: the only
+    /// valid hard link targets.
+    extracted: HashSet<PathBuf>,
+    dirs: BTreeMap<PathBuf, DirMeta>,
+    stats: ExtractStats,
+    warned_chown: bool,
+    warned_devices: bool,
+    warned_xattrs: bool,
+}
+
+/// Extract every member read from `reader` into the directory `root`, which
+/// should be empty. Stops at the end-of-archive marker; the caller drains
+/// whatever follows (it belongs to the layer's digest).
+pub fn extract<R: Read>(reader: &mut TarReader<R>, root: BorrowedFd<'_>) -> Result<ExtractStats, ExtractError> {
+    let mut ex = Extractor {
+        root,
+        extracted: HashSet::new(),
+        dirs: BTreeMap::new(),
+        stats: ExtractStats::default(),
+        warned_chown: false,
+        warned_devices: false,
+        warned_xattrs: false,
+    };
+    while let Some(header) = reader.next()? {
+        let member = String::from_utf8_lossy(&header.name).into_owned();
+        ex.member(reader, &header).map_err(|reason| ExtractError { member: Some(member), reason })?;
+        ex.stats.entries += 1;
+    }
+    ex.finish_dirs().map_err(|reason| ExtractError { member: None, reason })?;
+    Ok(ex.stats)
+}
+
+/// A member's name as relative components: a leading `/` and `.` parts are
+/// dropped, `..` is refused. An empty result is the layer's root.
+pub fn clean_name(name: &[u8]) -> Result<PathBuf, String> {
+    if name.len() >= libc::PATH_MAX as usize {
+        return Err(format!("name of {} bytes is longer than PATH_MAX", name.len()));
+    }
+    let mut clean = PathBuf::new();
+    for part in name.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => continue,
+            b".." => return Err("name contains `..`".into()),
+            _ => clean.push(OsStr::from_bytes(part)),
+        }
+    }
+    Ok(clean)
+}
+
+fn errno_text(what: &str, err: Errno) -> String {
+    format!("{what}: {}", err.desc())
+}
+
+fn timespec(sec: i64, nsec: i64) -> libc::timespec {
+    libc::timespec { tv_sec: sec, tv_nsec: nsec }
+}
+
+/// Whether a PAX xattr may be written into a layer. `trusted.*` and the
+/// overlay markers would let a layer forge whiteouts or opaque directories
+/// the mount (or the kernel) would obey; SELinux labels belong to the host.
+pub fn xattr_allowed(name: &[u8]) -> bool {
+    let is_overlay = name.windows(b".overlay.".len()).any(|w| w == b".overlay.");
+    !(name.starts_with(b"trusted.")
+        || is_overlay
+        || name == b"security.selinux"
+        || is_private_xattr(OsStr::from_bytes(name)))
+}
+
+impl Extractor<'_> {
+    fn member<R: Read>(&mut self, reader: &mut TarReader<R>, header: &Header) -> Result<(), String> {
+        let path = clean_name(&header.name)?;
+        let Some(name) = path.file_name().map(OsStr::to_owned) else {
+            // The layer's root itself ("./"): only its metadata matters.
+            if header.kind != Kind::Directory {
+                return Err("the layer root must be a directory".into());
+            }
+            self.dirs.insert(PathBuf::new(), self.dir_meta(header));
+            return Ok(());
+        };
+        let parent_path = path.parent().unwrap_or(Path::new("")).to_owned();
+        if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
+            return self.whiteout(&parent_path, &name, header);
+        }
+        let parent = self.make_parents(&parent_path)?;
+        let parent = parent.as_fd();
+        self.clear_place(parent, &name, header.kind == Kind::Directory)?;
+        match header.kind {
+            Kind::Directory => {
+                match sys::mkdirat(parent, &name, 0o700) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(err) => return Err(errno_text("cannot make the directory", err)),
+                }
+                self.dirs.insert(path, self.dir_meta(header));
+                return Ok(());
+            }
+            Kind::File => {
+                let fd = sys::openat(parent, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+                    .map_err(|err| errno_text("cannot create the file", err))?;
+                let mut file = File::from(fd);
+                let copied = io::copy(&mut reader.data(), &mut file).map_err(|err| match err.kind() {
+                    io::ErrorKind::UnexpectedEof => "the tar stream ends inside this member".to_string(),
+                    _ => format!("cannot write the file: {err}"),
+                })?;
+                self.stats.bytes += copied;
+            }
+            Kind::Symlink => {
+                sys::symlinkat(OsStr::from_bytes(&header.link), parent, &name)
+                    .map_err(|err| errno_text("cannot create the symlink", err))?;
+            }
+            Kind::HardLink => {
+                let target = clean_name(&header.link)?;
+                if !self.extracted.contains(&target) {
+                    return Err(format!(
+                        "hard link to {:?}, which is not an earlier member of this layer",
+                        String::from_utf8_lossy(&header.link)
+                    ));
+                }
+                let target_parent = target.parent().unwrap_or(Path::new(""));
+                let target_name = target.file_name().unwrap_or_default();
+                let dir = sys::open_beneath(self.root, target_parent, libc::O_PATH | libc::O_DIRECTORY)
+                    .map_err(|err| errno_text("cannot reach the hard link's target", err))?;
+                sys::linkat(dir.as_fd(), target_name, parent, &name)
+                    .map_err(|err| errno_text("cannot create the hard link", err))?;
+                // A hard link shares its target's inode and metadata.
+                self.extracted.insert(path);
+                return Ok(());
+            }
+            Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => {
+                let kind = match header.kind {
+                    Kind::CharDevice => libc::S_IFCHR,
+                    Kind::BlockDevice => libc::S_IFBLK,
+                    _ => libc::S_IFIFO,
+                };
+                let rdev = if kind == libc::S_IFIFO { 0 } else { libc::makedev(header.dev_major, header.dev_minor) };
+                match sys::mknodat(parent, &name, kind | 0o600, rdev) {
+                    Ok(()) => {}
+                    Err(Errno::EPERM) if kind != libc::S_IFIFO => {
+                        if !self.warned_devices {
+                            self.warned_devices = true;
+                            self.stats.warnings.push(format!(
+                                "device nodes skipped (no privilege to make them), the first being {}",
+                                path.display()
+                            ));
+                        }
+                        return Ok(());
+                    }
+                    Err(err) => return Err(errno_text("cannot make the node", err)),
+                }
+            }
+        }
+        self.set_metadata(parent, &name, header)?;
+        self.extracted.insert(path);
+        Ok(())
+    }
+
+    fn dir_meta(&self, header: &Header) -> DirMeta {
+        DirMeta {
+            mode: header.mode,
+            uid: header.uid,
+            gid: header.gid,
+            mtime: timespec(header.mtime, header.mtime_nsec),
+            xattrs: allowed_xattrs(header),
+        }
+    }
+
+    /// An OCI whiteout or opaque marker, kept as an empty file after its
+    /// name has been checked.
+    fn whiteout(&mut self, parent_path: &Path, name: &OsStr, header: &Header) -> Result<(), String> {
+        let target = &name.as_bytes()[WHITEOUT_PREFIX.len()..];
+        if name != OPAQUE_MARKER {
+            if matches!(target, b"" | b"." | b"..") {
+                return Err("whiteout of nothing, `.` or `..`: its target is not inside the directory".into());
+            }
+            if target.starts_with(WHITEOUT_PREFIX) {
+                // aufs bookkeeping (`.wh..wh.plnk`, `.wh..wh.aufs`): meaningless here.
+                self.stats.warnings.push(format!("aufs metadata {} skipped", parent_path.join(name).display()));
+                return Ok(());
+            }
+        }
+        let parent = self.make_parents(parent_path)?;
+        let parent = parent.as_fd();
+        self.clear_place(parent, name, false)?;
+        let fd = sys::openat(parent, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o644)
+            .map_err(|err| errno_text("cannot create the whiteout", err))?;
+        drop(fd);
+        let time = SetTime::At(timespec(header.mtime, header.mtime_nsec));
+        sys::utimensat(parent, name, time, time).map_err(|err| errno_text("cannot set times", err))?;
+        Ok(())
+    }
+
+    /// Open the directory `path`, making missing parents (mode 0755, as
+    /// Docker does). A component that exists but is not a directory (a
+    /// symlink above all) is refused: nothing is followed.
+    fn make_parents(&mut self, path: &Path) -> Result<OwnedFd, String> {
+        let mut current = sys::dup(self.root).map_err(|err| errno_text("dup", err))?;
+        for component in path.iter() {
+            let next = match sys::openat(current.as_fd(), component, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    sys::mkdirat(current.as_fd(), component, 0o755)
+                        .map_err(|err| errno_text("cannot make a parent directory", err))?;
+                    sys::openat(current.as_fd(), component, libc::O_PATH | libc::O_DIRECTORY, 0)
+                        .map_err(|err| errno_text("cannot open a parent directory", err))?
+                }
+                Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                    return Err(format!(
+                        "parent {} is a symlink or not a directory; refusing to write through it",
+                        Path::new(component).display()
+                    ));
+                }
+                Err(err) => return Err(errno_text("cannot open a parent directory", err)),
+            };
+            current = next;
+        }
+        Ok(current)
+    }
+
+    /// Make room for a member: a later member replaces an earlier one; a
+    /// directory stays when the new member is a directory too.
+    fn clear_place(&mut self, parent: BorrowedFd<'_>, name: &OsStr, new_is_dir: bool) -> Result<(), String> {
+        let stat = match sys::fstatat(parent, name) {
+            Ok(stat) => stat,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(err) => return Err(errno_text("cannot inspect an earlier member", err)),
+        };
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && new_is_dir {
+            return Ok(());
+        }
+        remove_tree(parent, name).map_err(|err| errno_text("cannot replace an earlier member", err))
+    }
+
+    /// Owner, then mode, then xattrs, then times; never through a symlink.
+    fn set_metadata(&mut self, parent: BorrowedFd<'_>, name: &OsStr, header: &Header) -> Result<(), String> {
+        let fd = sys::openat(parent, name, libc::O_PATH, 0).map_err(|err| errno_text("cannot reopen", err))?;
+        self.chown(fd.as_fd(), header.uid, header.gid)?;
+        if header.kind != Kind::Symlink {
+            sys::fchmod_fd(fd.as_fd(), header.mode).map_err(|err| errno_text("cannot chmod", err))?;
+        }
+        let xattrs = allowed_xattrs(header);
+        self.set_xattrs(parent, name, &xattrs)?;
+        let time = SetTime::At(timespec(header.mtime, header.mtime_nsec));
+        sys::utimensat(parent, name, time, time).map_err(|err| errno_text("cannot set times", err))
+    }
+
+    fn chown(&mut self, fd: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<(), String> {
+        match sys::fchown_fd(fd, uid, gid) {
+            Ok(()) => Ok(()),
+            Err(Errno::EPERM | Errno::EINVAL) if sys::geteuid() != 0 => {
+                if !self.warned_chown {
+                    self.warned_chown = true;
+                    self.stats.warnings.push("owners not kept (not running as root)".into());
+                }
+                Ok(())
+            }
+            Err(err) => Err(errno_text("cannot chown", err)),
+        }
+    }
+
+    fn set_xattrs(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), String> {
+        if xattrs.is_empty() {
+            return Ok(());
+        }
+        let target = XattrTarget::new(parent, name).map_err(|err| errno_text("xattrs", err))?;
+        for (key, value) in xattrs {
+            if let Err(err) = target.set(key, value, 0) {
+                // user.* on a symlink, or a filesystem without xattrs.
+                if !self.warned_xattrs {
+                    self.warned_xattrs = true;
+                    self.stats.warnings.push(format!(
+                        "some xattrs not kept, the first being {} on {}: {}",
+                        key.to_string_lossy(),
+                        Path::new(name).display(),
+                        err.desc()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory metadata, deepest first, once every member is in place.
+    fn finish_dirs(&mut self) -> Result<(), String> {
+        let dirs = std::mem::take(&mut self.dirs);
+        for (path, meta) in dirs.into_iter().rev() {
+            let (parent, name) = match (path.parent(), path.file_name()) {
+                (Some(parent), Some(name)) => (parent.to_owned(), name.to_owned()),
+                _ => (PathBuf::new(), OsString::from(".")),
+            };
+            let parent = match sys::open_beneath(self.root, &parent, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(fd) => fd,
+                // A later member replaced it.
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                Err(err) => return Err(errno_text("cannot reopen a directory", err)),
+            };
+            let fd = match sys::openat(parent.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                Err(err) => return Err(errno_text("cannot reopen a directory", err)),
+            };
+            self.chown(fd.as_fd(), meta.uid, meta.gid)?;
+            sys::fchmod_fd(fd.as_fd(), meta.mode).map_err(|err| errno_text("cannot chmod a directory", err))?;
+            self.set_xattrs(parent.as_fd(), &name, &meta.xattrs)?;
+            let time = SetTime::At(meta.mtime);
+            sys::utimensat(parent.as_fd(), &name, time, time)
+                .map_err(|err| errno_text("cannot set a directory's times", err))?;
+        }
+        Ok(())
+    }
+}
+
+fn allowed_xattrs(header: &Header) -> Vec<(OsString, Vec<u8>)> {
+    header
+        .xattrs
+        .iter()
+        .filter(|(key, _)| xattr_allowed(key))
+        .map(|(key, value)| (OsStr::from_bytes(key).to_owned(), value.clone()))
+        .collect()
+}
+
+/// Remove `name` in `dir` and, for a directory, everything below it,
+/// without following any symlink.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+    match sys::unlinkat(dir, name, false) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EISDIR | Errno::EPERM) => {}
+        Err(err) => return Err(err),
+    }
+    let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let child_dir = sys::dup(fd.as_fd())?;
+    // A directory we cannot write cannot be emptied: make it writable first.
+    let _ = sys::fchmod_fd(child_dir.as_fd(), 0o700);
+    for entry in sys::read_dir(fd)? {
+        remove_tree(child_dir.as_fd(), &entry.name)?;
+    }
+    sys::unlinkat(dir, name, true)
+}
+
+/// Remove a directory tree given by path (the user's own path; what is
+/// inside is not trusted and never followed).
+pub fn remove_path(path: &Path) -> Result<(), Errno> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return Err(Errno::EINVAL) };
+    let parent = File::open(parent).map_err(sys::io_errno)?;
+    match remove_tree(parent.as_fd(), name) {
+        Err(Errno::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_cleaned_and_dotdot_refused() {
+        assert_eq!(clean_name(b"/a//./b/").unwrap(), PathBuf::from("a/b"));
+        assert_eq!(clean_name(b"./").unwrap(), PathBuf::new());
+        assert!(clean_name(b"a/../../etc").is_err());
+        assert!(clean_name(b"..").is_err());
+        assert!(clean_name(&vec![b'a'; 5000]).is_err());
+    }
+
+    #[test]
+    fn private_and_host_xattrs_are_filtered() {
+        assert!(xattr_allowed(b"user.mime"));
+        assert!(xattr_allowed(b"security.capability"));
+        for bad in [&b"trusted.overlay.opaque"[..], b"user.overlay.whiteout", b"security.selinux", b"trusted.x"] {
+            assert!(!xattr_allowed(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
