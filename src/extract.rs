@@ -47,6 +47,12 @@ pub struct ExtractError {
 impl fmt::Display for ExtractError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.member {
+            // A hostile name can be kilobytes long: show its two ends.
+            Some(member) if member.chars().count() > 200 => {
+                let head: String = member.chars().take(100).collect();
+                let tail: String = member.chars().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+                write!(f, "member \"{head}...{tail}\": {}", self.reason)
+            }
             Some(member) => write!(f, "member {member:?}: {}", self.reason),
             None => write!(f, "{}", self.reason),
         }
@@ -183,7 +189,7 @@ impl Extractor<'_> {
                     .map_err(|err| errno_text("cannot create the file", err))?;
                 let mut file = File::from(fd);
                 let copied = io::copy(&mut reader.data(), &mut file).map_err(|err| match err.kind() {
-                    io::ErrorKind::UnexpectedEof => "the tar stream ends inside this member".to_string(),
+                    io::ErrorKind::UnexpectedEof => "the tar stream is truncated inside this member".to_string(),
                     _ => format!("cannot write the file: {err}"),
                 })?;
                 self.stats.bytes += copied;
