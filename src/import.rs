@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -595,10 +596,14 @@ fn import_archive(
     options: &ImportOptions,
 ) -> Result<Vec<ImportReport>, String> {
     let (format, plans) = if archive.exists("index.json") {
-        let format = if archive.exists("manifest.json") { "docker save (OCI layout)" } else { "OCI layout" };
+        let format = if archive.exists("manifest.json") {
+            "a docker save archive holding an OCI layout"
+        } else {
+            "an OCI image layout"
+        };
         (format, oci_plans(archive, wanted)?)
     } else if archive.exists("manifest.json") {
-        ("docker save", docker_plans(archive)?)
+        ("a docker save archive", docker_plans(archive)?)
     } else {
         return Err(format!(
             "{} is neither an OCI layout (index.json) nor a docker save archive (manifest.json)",
@@ -611,7 +616,7 @@ fn import_archive(
     if options.tag.is_some() && plans.len() > 1 {
         return Err(format!("--tag names one image, but {} holds {}", path.display(), plans.len()));
     }
-    println!("Importing {} ({format})", path.display());
+    println!("Importing {}: {format}", path.display());
     let mut reports = Vec::new();
     for mut plan in plans {
         if let Some(tag) = &options.tag {
@@ -755,6 +760,10 @@ fn extract_verified(
 ) -> Result<LayerInfo, String> {
     let root_path = temp.join("root");
     std::fs::create_dir(&root_path).map_err(|err| format!("{}: {err}", root_path.display()))?;
+    // The mount's root is the top layer's: 0755 whatever our umask (a
+    // `./` member may set it otherwise).
+    std::fs::set_permissions(&root_path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|err| format!("{}: {err}", root_path.display()))?;
     let root = File::open(&root_path).map_err(|err| format!("{}: {err}", root_path.display()))?;
     let mut blob_tally = Tally::default();
     let mut diff_tally = Tally::default();
