@@ -447,6 +447,99 @@ pub fn remove_path(path: &Path) -> Result<(), Errno> {
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::MetadataExt;
+
+    struct Member<'a> {
+        name: &'a str,
+        kind: tar::EntryType,
+        mode: u32,
+        uid: u64,
+        data: &'a [u8],
+        link: &'a str,
+    }
+
+    fn member<'a>(name: &'a str, kind: tar::EntryType, mode: u32) -> Member<'a> {
+        Member { name, kind, mode, uid: 0, data: b"", link: "" }
+    }
+
+    fn extract_members(members: &[Member<'_>]) -> (tempfile::TempDir, Result<ExtractStats, ExtractError>) {
+        let mut b = tar::Builder::new(Vec::new());
+        for m in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(m.kind);
+            h.set_mode(m.mode);
+            h.set_uid(m.uid);
+            h.set_mtime(1_000_000_000);
+            h.set_size(m.data.len() as u64);
+            if m.link.is_empty() {
+                b.append_data(&mut h, m.name, m.data).unwrap();
+            } else {
+                b.append_link(&mut h, m.name, m.link).unwrap();
+            }
+        }
+        let data = b.into_inner().unwrap();
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let result = extract(&mut TarReader::new(&data[..]), root.as_fd());
+        (dir, result)
+    }
+
+    #[test]
+    fn directories_get_their_mode_and_times_after_their_contents() {
+        let (dir, result) = extract_members(&[
+            member("ro/", tar::EntryType::Directory, 0o555),
+            Member { data: b"inside", ..member("ro/f", tar::EntryType::Regular, 0o644) },
+        ]);
+        result.unwrap();
+        let meta = std::fs::metadata(dir.path().join("ro")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o555);
+        assert_eq!(meta.mtime(), 1_000_000_000, "creating ro/f must not leave ro's mtime at now");
+        assert_eq!(std::fs::read(dir.path().join("ro/f")).unwrap(), b"inside");
+        let _ = std::fs::set_permissions(dir.path().join("ro"), std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    }
+
+    #[test]
+    fn suid_survives_the_chown() {
+        if sys::geteuid() != 0 {
+            return; // chown to another user needs root
+        }
+        let (dir, result) = extract_members(&[Member { uid: 1000, ..member("su", tar::EntryType::Regular, 0o4755) }]);
+        result.unwrap();
+        let meta = std::fs::metadata(dir.path().join("su")).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (1000, 0o4755));
+    }
+
+    #[test]
+    fn later_members_replace_earlier_ones() {
+        let (dir, result) = extract_members(&[
+            member("x/", tar::EntryType::Directory, 0o755),
+            Member { data: b"child", ..member("x/y", tar::EntryType::Regular, 0o644) },
+            Member { data: b"now a file", ..member("x", tar::EntryType::Regular, 0o644) },
+            Member { link: "/etc", ..member("l", tar::EntryType::Symlink, 0o777) },
+            member("l/", tar::EntryType::Directory, 0o700),
+        ]);
+        result.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("x")).unwrap(), b"now a file");
+        let l = std::fs::symlink_metadata(dir.path().join("l")).unwrap();
+        assert!(l.is_dir() && l.mode() & 0o777 == 0o700, "the directory replaced the symlink");
+    }
+
+    #[test]
+    fn hard_links_only_to_earlier_non_directories() {
+        let (_, result) = extract_members(&[
+            member("d/", tar::EntryType::Directory, 0o755),
+            Member { link: "d", ..member("h", tar::EntryType::Link, 0o644) },
+        ]);
+        assert!(result.unwrap_err().reason.contains("not an earlier member"));
+        let (dir, result) = extract_members(&[
+            Member { data: b"same", ..member("a", tar::EntryType::Regular, 0o644) },
+            Member { link: "a", ..member("b", tar::EntryType::Link, 0o644) },
+        ]);
+        result.unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        assert_eq!(std::fs::metadata(a).unwrap().ino(), std::fs::metadata(b).unwrap().ino());
+    }
+
     #[test]
     fn names_are_cleaned_and_dotdot_refused() {
         assert_eq!(clean_name(b"/a//./b/").unwrap(), PathBuf::from("a/b"));

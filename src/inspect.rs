@@ -3,8 +3,9 @@
 //! and wastes). Both ask the layer stack (`layers`) and never read
 //! whiteouts themselves, so they agree with what a mount shows.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
@@ -143,41 +144,107 @@ fn layer_story(stack: &LayerStack, layer: LayerId, parts: &[&OsStr]) -> Result<V
     Ok(stories)
 }
 
+/// Where a path leads in the merged tree.
+struct Walk {
+    /// The path's components once symlinks of parents are followed.
+    parts: Vec<OsString>,
+    /// `/bin -> usr/bin` for each symlink followed.
+    vias: Vec<String>,
+    found: Option<Resolved>,
+    /// A non-directory (not a symlink) where a directory should be.
+    blocked: Option<(PathBuf, String)>,
+}
+
+/// Resolve `path` in the merged tree as a process inside the image would
+/// (chroot-like): symlinks in parent components are followed inside the
+/// tree, the last component is not (whence says what the path itself is).
+fn resolve_path(stack: &LayerStack, path: &Path) -> Result<Walk, String> {
+    let err = |e: sys::Errno| format!("{}: {e}", path.display());
+    let mut pending: VecDeque<OsString> = components(path)?.into_iter().map(OsStr::to_owned).collect();
+    let mut walk = Walk { parts: Vec::new(), vias: Vec::new(), found: None, blocked: None };
+    let mut sources = stack.root_sources();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            walk.parts.pop();
+            // Walk again from the root to the parent (every step a directory).
+            sources = stack.root_sources();
+            for step in &walk.parts {
+                match stack.lookup(&sources, step).map_err(err)? {
+                    Some(r) if r.is_dir() => sources = r.dir_sources,
+                    _ => return Err(format!("{}: the tree changed while resolving it", path.display())),
+                }
+            }
+            continue;
+        }
+        let Some(r) = stack.lookup(&sources, &part).map_err(err)? else {
+            walk.parts.push(part);
+            walk.parts.extend(pending);
+            walk.found = None;
+            return Ok(walk);
+        };
+        let is_link = r.stat.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        if !pending.is_empty() && is_link {
+            hops += 1;
+            if hops > 40 {
+                return Err(format!("{}: too many levels of symbolic links", path.display()));
+            }
+            let link_dir = r.top.path.parent().unwrap_or(Path::new(""));
+            let dir = stack.open_dir(r.top.layer, link_dir, libc::O_PATH).map_err(err)?;
+            let target = sys::readlinkat(dir.as_fd(), r.top.path.file_name().unwrap_or_default()).map_err(err)?;
+            let at = Path::new("/").join(walk.parts.iter().collect::<PathBuf>()).join(&part);
+            walk.vias.push(format!("{} -> {}", at.display(), Path::new(&target).display()));
+            let target = PathBuf::from(target);
+            if target.is_absolute() {
+                walk.parts.clear();
+                sources = stack.root_sources();
+            }
+            for component in target.components().rev() {
+                match component {
+                    Component::Normal(c) => pending.push_front(c.to_owned()),
+                    Component::ParentDir => pending.push_front(OsString::from("..")),
+                    _ => {}
+                }
+            }
+            continue;
+        }
+        if !pending.is_empty() && !r.is_dir() {
+            walk.parts.push(part);
+            walk.blocked = Some((walk.parts.iter().collect(), describe(&r.stat)));
+            walk.parts.extend(pending);
+            return Ok(walk);
+        }
+        walk.parts.push(part);
+        sources = r.dir_sources.clone();
+        walk.found = Some(r);
+    }
+    Ok(walk)
+}
+
 /// `strata whence TARGET PATH`.
 pub fn whence(store: &Store, target: &str, path: &Path) -> Result<(), String> {
     let target = resolve_target(store, target)?;
     let stack = &target.stack;
-    let parts = components(path)?;
-    let shown = Path::new("/").join(parts.iter().collect::<PathBuf>());
-    // The merged view, one component at a time, as the mount resolves it.
-    let mut sources = stack.root_sources();
-    let mut found: Option<Resolved> = None;
-    let mut blocked = None;
-    for (i, part) in parts.iter().enumerate() {
-        let resolved = stack.lookup(&sources, part).map_err(|err| format!("{}: {err}", shown.display()))?;
-        match resolved {
-            None => {
-                found = None;
-                break;
-            }
-            Some(r) if i + 1 < parts.len() && !r.is_dir() => {
-                blocked = Some((parts[..=i].iter().collect::<PathBuf>(), describe(&r.stat)));
-                found = None;
-                break;
-            }
-            Some(r) => {
-                sources = r.dir_sources.clone();
-                found = Some(r);
-            }
+    let shown = Path::new("/").join(components(path)?.iter().collect::<PathBuf>());
+    let walk = resolve_path(stack, path)?;
+    let canonical = Path::new("/").join(walk.parts.iter().collect::<PathBuf>());
+    let mut heading = shown.display().to_string();
+    if canonical != shown {
+        heading += &format!(" (as {}", canonical.display());
+        for via in &walk.vias {
+            heading += &format!(", via {via}");
         }
+        heading += ")";
     }
-    match (&found, &blocked) {
-        (Some(r), _) => println!("{}: {}, from {}", shown.display(), describe(&r.stat), target.labels[r.top.layer]),
+    let found = walk.found;
+    match (&found, &walk.blocked) {
+        (Some(r), _) => println!("{heading}: {}, from {}", describe(&r.stat), target.labels[r.top.layer]),
         (None, Some((prefix, what))) => {
-            println!("{}: not in the merged tree (/{} is a {what}, not a directory)", shown.display(), prefix.display())
+            println!("{heading}: not in the merged tree (/{} is a {what}, not a directory)", prefix.display())
         }
-        (None, None) => println!("{}: not in the merged tree", shown.display()),
+        (None, None) => println!("{heading}: not in the merged tree"),
     }
+    let parts: Vec<&OsStr> = walk.parts.iter().map(OsString::as_os_str).collect();
     let serving = found.as_ref().map(|r| r.top.layer);
     let merged_dirs: Vec<LayerId> =
         found.as_ref().map(|r| r.dir_sources.iter().map(|s| s.layer).collect()).unwrap_or_default();

@@ -428,6 +428,12 @@ fn whence_names_the_serving_layer_and_what_it_hides() {
     assert!(o.stdout.contains("whiteout of /etc/remove-me"), "{}", o.stdout);
     assert!(o.stdout.contains("hidden by the whiteout in layer 2/3"), "{}", o.stdout);
 
+    // A symlinked parent is followed inside the image, as a process in it would.
+    let out = s.ok("whence", &["rich:whence", "/bin/tool"]);
+    assert!(out.starts_with("/bin/tool (as /usr/bin/tool, via /bin -> usr/bin): regular file"), "{out}");
+    assert!(out.contains(&format!("layer 1/3 {}  serves it", ids[0])), "{out}");
+    let out = s.ok("whence", &["rich:whence", "/etc/localtime"]);
+    assert!(out.contains("symlink, from layer 1/3"), "the last component is not followed: {out}");
     let out = s.ok("whence", &["rich:whence", "/srv/new"]);
     assert!(out.contains("serves it"), "{out}");
     let o = s.strata("whence", &["rich:whence", "/opt/stuff/a"]);
