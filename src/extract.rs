@@ -97,6 +97,8 @@ struct Extractor<'a> {
     warned_chown: bool,
     warned_devices: bool,
     warned_xattrs: bool,
+    /// One copy buffer for every file (io::copy's is 8 KiB).
+    buffer: Vec<u8>,
 }
 
 /// Extract every member read from `reader` into the directory `root`, which
@@ -111,6 +113,7 @@ pub fn extract<R: Read>(reader: &mut TarReader<R>, root: BorrowedFd<'_>) -> Resu
         warned_chown: false,
         warned_devices: false,
         warned_xattrs: false,
+        buffer: vec![0; 1 << 18],
     };
     while let Some(header) = reader.next()? {
         let member = String::from_utf8_lossy(&header.name).into_owned();
@@ -188,10 +191,11 @@ impl Extractor<'_> {
                 let fd = sys::openat(parent, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
                     .map_err(|err| errno_text("cannot create the file", err))?;
                 let mut file = File::from(fd);
-                let copied = io::copy(&mut reader.data(), &mut file).map_err(|err| match err.kind() {
-                    io::ErrorKind::UnexpectedEof => "the tar stream is truncated inside this member".to_string(),
-                    _ => format!("cannot write the file: {err}"),
-                })?;
+                let copied =
+                    copy_data(&mut reader.data(), &mut file, &mut self.buffer).map_err(|err| match err.kind() {
+                        io::ErrorKind::UnexpectedEof => "the tar stream is truncated inside this member".to_string(),
+                        _ => format!("cannot write the file: {err}"),
+                    })?;
                 self.stats.bytes += copied;
             }
             Kind::Symlink => {
@@ -402,6 +406,21 @@ impl Extractor<'_> {
                 .map_err(|err| errno_text("cannot set a directory's times", err))?;
         }
         Ok(())
+    }
+}
+
+fn copy_data(from: &mut impl Read, to: &mut File, buffer: &mut [u8]) -> io::Result<u64> {
+    use std::io::Write;
+    let mut total = 0;
+    loop {
+        let n = match from.read(buffer) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        to.write_all(&buffer[..n])?;
+        total += n as u64;
     }
 }
 

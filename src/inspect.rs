@@ -412,12 +412,14 @@ pub fn layers(store: &Store, reference: &str, format: &str) -> Result<(), String
     }
     let image = store.find_image(reference)?;
     let roots: Vec<PathBuf> = image.diff_ids.iter().map(|d| store.layer_root(d)).collect::<Result<_, _>>()?;
-    // stacks[k]: the bottom k layers, topmost first.
-    let mut stacks = Vec::new();
-    for k in 0..=roots.len() {
+    // The stack of the bottom k layers, topmost first; two at a time (each
+    // caches directory descriptors).
+    sys::raise_fd_limit();
+    let stack_of = |k: usize| {
         let lowers: Vec<PathBuf> = roots[..k].iter().rev().cloned().collect();
-        stacks.push(open_stack(None, &lowers)?);
-    }
+        open_stack(None, &lowers)
+    };
+    let mut old_stack = stack_of(0)?;
     let history = layer_history(&image.config, roots.len());
     let mut wasted: HashMap<usize, u64> = HashMap::new();
     let mut rows = Vec::new();
@@ -432,11 +434,13 @@ pub fn layers(store: &Store, reference: &str, format: &str) -> Result<(), String
             created_by: history[k - 1].clone(),
             ..Default::default()
         };
-        let mut step = Step { old: &stacks[k - 1], new: &stacks[k], old_count: k - 1, row, wasted: &mut wasted };
+        let new_stack = stack_of(k)?;
+        let mut step = Step { old: &old_stack, new: &new_stack, old_count: k - 1, row, wasted: &mut wasted };
         let old_root = step.old.root_sources();
         let new_root = step.new.root_sources();
         step.dir(Path::new(""), &old_root, &new_root)?;
         rows.push(step.row);
+        old_stack = new_stack;
     }
     for row in &mut rows {
         row.wasted = wasted.get(&row.index).copied().unwrap_or(0);
