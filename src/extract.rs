@@ -99,6 +99,8 @@ struct Extractor<'a> {
     warned_xattrs: bool,
     /// One copy buffer for every file (io::copy's is 8 KiB).
     buffer: Vec<u8>,
+    /// The parent directory of the last member, still open.
+    last_parent: Option<(PathBuf, OwnedFd)>,
 }
 
 /// Extract every member read from `reader` into the directory `root`, which
@@ -114,6 +116,7 @@ pub fn extract<R: Read>(reader: &mut TarReader<R>, root: BorrowedFd<'_>) -> Resu
         warned_devices: false,
         warned_xattrs: false,
         buffer: vec![0; 1 << 18],
+        last_parent: None,
     };
     while let Some(header) = reader.next()? {
         let member = String::from_utf8_lossy(&header.name).into_owned();
@@ -287,6 +290,20 @@ impl Extractor<'_> {
     /// Docker does). A component that exists but is not a directory (a
     /// symlink above all) is refused: nothing is followed.
     fn make_parents(&mut self, path: &Path) -> Result<OwnedFd, String> {
+        // Members come directory by directory: keep the last parent open.
+        // Any removal forgets it (see clear_place), so it never names a
+        // directory that a later member replaced.
+        if let Some((cached, fd)) = &self.last_parent
+            && cached == path
+        {
+            return sys::dup(fd.as_fd()).map_err(|err| errno_text("dup", err));
+        }
+        let fd = self.open_parents(path)?;
+        self.last_parent = Some((path.to_owned(), sys::dup(fd.as_fd()).map_err(|err| errno_text("dup", err))?));
+        Ok(fd)
+    }
+
+    fn open_parents(&mut self, path: &Path) -> Result<OwnedFd, String> {
         let mut current = sys::dup(self.root).map_err(|err| errno_text("dup", err))?;
         for component in path.iter() {
             let next = match sys::openat(current.as_fd(), component, libc::O_PATH | libc::O_DIRECTORY, 0) {
@@ -322,6 +339,7 @@ impl Extractor<'_> {
         if is_dir && new_is_dir {
             return Ok(());
         }
+        self.last_parent = None;
         remove_tree(parent, name).map_err(|err| errno_text("cannot replace an earlier member", err))
     }
 

@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Serialize;
 
 use crate::daemon::MountRecord;
-use crate::digest::short;
+use crate::digest::{sha256_of, short};
 use crate::layers::{LayerId, LayerStack, Presence, Resolved, Source, XattrNamespace};
 use crate::store::{ImageRecord, Store, human};
 use crate::sys::{self, Stat};
@@ -288,6 +288,8 @@ pub fn whence(store: &Store, target: &str, path: &Path) -> Result<(), String> {
 pub struct LayerRow {
     pub index: usize,
     pub diff_id: String,
+    /// The OCI chain id: this layer in its position (the layers below it).
+    pub chain_id: String,
     pub size: u64,
     pub files: u64,
     pub created_by: Option<String>,
@@ -423,12 +425,15 @@ pub fn layers(store: &Store, reference: &str, format: &str) -> Result<(), String
     let history = layer_history(&image.config, roots.len());
     let mut wasted: HashMap<usize, u64> = HashMap::new();
     let mut rows = Vec::new();
+    let mut chain_id = String::new();
     for k in 1..=roots.len() {
         let diff_id = &image.diff_ids[k - 1];
         let info = store.layer_info(diff_id);
+        chain_id = if k == 1 { diff_id.clone() } else { sha256_of(format!("{chain_id} {diff_id}").as_bytes()) };
         let row = LayerRow {
             index: k,
             diff_id: diff_id.clone(),
+            chain_id: chain_id.clone(),
             size: info.as_ref().map(|i| i.size).unwrap_or(0),
             files: info.as_ref().map(|i| i.entries).unwrap_or(0),
             created_by: history[k - 1].clone(),

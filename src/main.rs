@@ -257,16 +257,20 @@ fn import_command(args: ImportArgs) -> Result<(), String> {
 
 fn images_command(arg: &StoreArg) -> Result<(), String> {
     let store = open_store(arg)?;
-    let rows: Vec<[String; 5]> = store
+    let rows: Vec<[String; 6]> = store
         .images()
         .into_iter()
         .flat_map(|image| {
             let size: u64 = image.diff_ids.iter().filter_map(|d| store.layer_info(d)).map(|i| i.size).sum();
             let names = if image.names.is_empty() { vec!["<none>".to_string()] } else { image.names.clone() };
+            // The config's creation time, a day is precise enough here.
+            let created: String =
+                image.config.get("created").and_then(|c| c.as_str()).unwrap_or("").chars().take(10).collect();
             names.into_iter().map(move |name| {
                 [
                     name,
                     digest::short(&image.id).to_string(),
+                    created.clone(),
                     image.platform.clone(),
                     image.diff_ids.len().to_string(),
                     store::human(size),
@@ -274,7 +278,7 @@ fn images_command(arg: &StoreArg) -> Result<(), String> {
             })
         })
         .collect();
-    let header = ["NAME", "IMAGE ID", "PLATFORM", "LAYERS", "SIZE"].map(str::to_string);
+    let header = ["NAME", "IMAGE ID", "CREATED", "PLATFORM", "LAYERS", "SIZE"].map(str::to_string);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -300,6 +300,7 @@ fn shared_layers_are_extracted_once_and_removed_with_their_last_image() {
     assert_eq!(s.layer_dirs().len(), 3);
     let images = s.ok("images", &[]);
     assert!(images.contains("app:a") && images.contains("app:b"), "{images}");
+    assert!(images.starts_with("NAME") && images.contains("2023-11-14"), "{images}");
 
     // A mounted image cannot be removed.
     let mount = s.mount("app:a", &[]);
@@ -483,6 +484,9 @@ fn layers_reports_docker_diff_changes_and_waste() {
     assert!(list(2, "added").contains(&"/srv/new".to_string()));
     assert!(list(2, "deleted").is_empty(), "srv was already empty");
     assert_eq!(layers[1]["created_by"], "RUN step 2", "history skips empty layers");
+    assert_eq!(layers[0]["chain_id"], layers[0]["diff_id"]);
+    let chain = format!("{} {}", layers[0]["chain_id"].as_str().unwrap(), layers[1]["diff_id"].as_str().unwrap());
+    assert_eq!(layers[1]["chain_id"], sha256(chain.as_bytes()), "OCI chain id");
     // Waste: base's remove-me (6) + srv/old (5001) + stuff/a,b (2) + hostname (5)
     // + tool2 (20, its link name deleted); app's big file (100000) and hostname (4).
     let base_waste = 6 + 5000 + 1 + 2 + 5 + "#!/bin/sh\necho tool\n".len() as u64;

@@ -280,6 +280,7 @@ impl Image {
         serde_json::to_vec(&serde_json::json!({
             "architecture": self.arch,
             "os": "linux",
+            "created": "2023-11-14T22:13:20Z",
             "config": { "Env": ["PATH=/usr/bin"] },
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
             "history": history,
