@@ -465,8 +465,8 @@ fn choose_platform(
     // Attestations and other artefacts say "unknown/unknown".
     let candidates: Vec<_> =
         candidates.into_iter().filter(|(_, p)| p.as_ref().is_none_or(|p| p.os != "unknown")).collect();
-    if candidates.len() == 1 && wanted.is_none() {
-        return Ok(candidates.into_iter().next().map(|(d, _)| d).unwrap_or_else(|| unreachable!()));
+    if let ([(only, _)], None) = (candidates.as_slice(), wanted) {
+        return Ok(only.clone());
     }
     let want = wanted.cloned().unwrap_or_else(Platform::host);
     let mut best = None;
