@@ -6,6 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::idmap::IdMap;
+
 /// What is wrong with a mount request; each names the culprit.
 #[derive(Debug)]
 pub enum ConfigError {
@@ -74,9 +76,24 @@ pub struct MountConfig {
     pub threads: usize,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
+    /// Where to trace layer-changing events, if anywhere.
+    pub trace: Option<TraceConfig>,
+    /// Ownership shifting (`uidmapping=`, `gidmapping=`, `squash_to_*`).
+    pub uids: IdMap,
+    pub gids: IdMap,
     /// A directory (holding the upper and work directories) that the
     /// daemon removes once unmounted: `mount --image --ephemeral`.
     pub ephemeral: Option<PathBuf>,
+}
+
+/// `--trace[=FILE]`: events to a file, or to stderr (the mount then stays
+/// in the foreground so they reach the terminal).
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    pub file: Option<PathBuf>,
+    pub format: crate::trace::Format,
+    /// Lookups too (`--trace-all`), not only changes.
+    pub lookups: bool,
 }
 
 impl Default for MountConfig {
@@ -98,6 +115,9 @@ impl Default for MountConfig {
             timeout: Duration::from_secs(3600),
             threads: 2,
             ignored: Vec::new(),
+            trace: None,
+            uids: IdMap::default(),
+            gids: IdMap::default(),
             ephemeral: None,
         }
     }
@@ -191,11 +211,6 @@ const IGNORED: &[&str] = &[
     "fscontext",
     "defcontext",
     "rootcontext",
-    "uidmapping",
-    "gidmapping",
-    "squash_to_root",
-    "squash_to_uid",
-    "squash_to_gid",
     "plugins",
     "xattr_permissions",
     "redirect_dir",
@@ -265,6 +280,26 @@ impl MountConfig {
                         option: key.into(),
                         reason: format!("{text:?} is not a thread count from 1 to 64"),
                     })?;
+            }
+            "uidmapping" | "gidmapping" => {
+                let text = need(key, value)?;
+                let ranges = IdMap::parse(text)
+                    .map_err(|err| ConfigError::BadValue { option: key.into(), reason: err.to_string() })?;
+                let map = if key == "uidmapping" { &mut self.uids } else { &mut self.gids };
+                map.ranges.extend(ranges);
+            }
+            "squash_to_root" => {
+                self.uids.squash = Some(0);
+                self.gids.squash = Some(0);
+            }
+            "squash_to_uid" | "squash_to_gid" => {
+                let text = need(key, value)?;
+                let id = text.parse::<u32>().map_err(|_| ConfigError::BadValue {
+                    option: key.into(),
+                    reason: format!("{text:?} is not a numeric id"),
+                })?;
+                let map = if key == "squash_to_uid" { &mut self.uids } else { &mut self.gids };
+                map.squash = Some(id);
             }
             "fsname" | "subtype" => {}
             _ if HARMLESS.contains(&key) || key.starts_with("x-") => {}
@@ -421,16 +456,18 @@ mod tests {
     #[test]
     fn options_are_applied_and_unknown_ones_rejected() {
         let mut config = MountConfig::default();
-        for item in
-            ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "fsync=0", "uidmapping=:0:100000:65536", "timeout=2.5"]
+        for item in ["lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "fsync=0", "uidmapping=:0:100000:65536", "xino=off"]
         {
             config.apply_option(item).unwrap();
         }
         assert_eq!(config.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(config.upper, Some(PathBuf::from("/u")));
         assert!(!config.fsync);
+        assert_eq!(config.uids.shown(0), 100000);
+        assert_eq!(config.ignored, vec!["xino=off".to_string()]);
+        config.apply_option("timeout=2.5").unwrap();
         assert_eq!(config.timeout, Duration::from_millis(2500));
-        assert_eq!(config.ignored, vec!["uidmapping=:0:100000:65536".to_string()]);
+        assert!(config.apply_option("uidmapping=0:1").is_err());
         let err = config.apply_option("frobnicate").unwrap_err();
         assert_eq!(err.to_string(), "unknown option: frobnicate");
         assert!(config.apply_option("fsync=2").is_err());

@@ -12,7 +12,8 @@ use crate::layers::{self, Source};
 use crate::sys::{self, Errno, SetTime, SysResult, XattrTarget};
 use crate::unionfs::UnionFs;
 
-/// Build a copy of `source` (of file type `kind`) as `temp` in `work`.
+/// Build a copy of `source` (of file type `kind`) as `temp` in `work`;
+/// returns how many bytes of data were copied.
 pub fn copy_entry(
     fs: &UnionFs,
     source: &Source,
@@ -21,8 +22,9 @@ pub fn copy_entry(
     temp: &OsStr,
     ino: u64,
     skip_data: bool,
-) -> SysResult<()> {
+) -> SysResult<u64> {
     let (source_dir, source_name) = fs.source_parent(source)?;
+    let mut copied = 0;
     let stat = sys::fstatat(source_dir.as_fd(), &source_name)?;
     if stat.st_mode & libc::S_IFMT != kind {
         return Err(Errno::ESTALE); // lower layers must not change under a mount
@@ -35,6 +37,7 @@ pub fn copy_entry(
             if !skip_data {
                 let data = fs.open_source(source, libc::O_RDONLY)?;
                 sys::copy_file_data(&data, &target, stat.st_size as u64)?;
+                copied = stat.st_size as u64;
             }
             if fs.fsync_copies() {
                 sys::fsync(target.as_fd(), false)?;
@@ -83,7 +86,7 @@ pub fn copy_entry(
     let atime = libc::timespec { tv_sec: stat.st_atime, tv_nsec: stat.st_atime_nsec };
     let mtime = libc::timespec { tv_sec: stat.st_mtime, tv_nsec: stat.st_mtime_nsec };
     sys::utimensat(work, temp, SetTime::At(atime), SetTime::At(mtime))?;
-    Ok(())
+    Ok(copied)
 }
 
 /// Remove a temporary entry of the work directory, whatever it is.

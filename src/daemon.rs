@@ -30,7 +30,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     };
     let stack = LayerStack::open(config.upper.as_deref(), &config.lowers, namespace)
         .map_err(|err| format!("cannot open the layers: {err}"))?;
-    let options = FsOptions { fsync: config.fsync, static_nlink: config.static_nlink };
+    let options = FsOptions {
+        fsync: config.fsync,
+        static_nlink: config.static_nlink,
+        uids: config.uids.clone(),
+        gids: config.gids.clone(),
+    };
     let fs = UnionFs::new(stack, config.work.as_deref(), options)
         .map_err(|err| format!("cannot prepare work directory: {err}"))?;
     let fs = Arc::new(fs);
@@ -76,6 +81,25 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     }
 
     let record = write_record(&config);
+    let socket = runtime_path(&config.mountpoint, "sock");
+    if let Some(socket) = &socket
+        && let Err(err) = crate::control::serve(fs.clone(), socket, &config.mountpoint)
+    {
+        log::warn!("no control socket ({}): {err}", socket.display());
+    }
+    if let Some(trace) = &config.trace {
+        let sink: Box<dyn std::io::Write + Send> = match &trace.file {
+            Some(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|err| format!("cannot open trace file {}: {err}", path.display()))?,
+            ),
+            None => Box::new(std::io::stderr()),
+        };
+        fs.monitor.subscribe(sink, trace.format, trace.lookups);
+    }
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
     std::thread::spawn(move || {
@@ -95,7 +119,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             log::warn!("cannot remove the ephemeral upper {}: {err}", dir.display());
         }
     }
-    if let Some(path) = record {
+    for path in record.into_iter().chain(socket) {
         let _ = std::fs::remove_file(path);
     }
     result.map_err(|err| format!("serving the mount failed: {err}"))
@@ -138,10 +162,25 @@ fn record_dir() -> PathBuf {
     }
 }
 
-fn record_path(mountpoint: &Path) -> Option<PathBuf> {
+fn runtime_path(mountpoint: &Path, extension: &str) -> Option<PathBuf> {
     let mount =
         config::mounts().into_iter().rev().find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))?;
-    Some(record_dir().join(format!("{}.mount", mount.device.replace(':', "-"))))
+    Some(record_dir().join(format!("{}.{extension}", mount.device.replace(':', "-"))))
+}
+
+fn record_path(mountpoint: &Path) -> Option<PathBuf> {
+    runtime_path(mountpoint, "mount")
+}
+
+/// The control socket of the Strata mount at `mountpoint`.
+pub fn control_socket(mountpoint: &Path) -> Result<PathBuf, String> {
+    let canonical = std::fs::canonicalize(mountpoint).map_err(|err| format!("{}: {err}", mountpoint.display()))?;
+    match config::mounts().into_iter().rev().find(|m| m.mountpoint == canonical) {
+        Some(m) if m.fstype == "fuse.strata" => {}
+        Some(m) => return Err(format!("{} is a {} mount, not a Strata mount", canonical.display(), m.fstype)),
+        None => return Err(format!("{} is not a mount point", canonical.display())),
+    }
+    runtime_path(&canonical, "sock").ok_or_else(|| format!("cannot find the control socket of {}", canonical.display()))
 }
 
 /// What a running daemon serves.

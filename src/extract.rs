@@ -357,7 +357,7 @@ impl Extractor<'_> {
     }
 
     fn chown(&mut self, fd: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<(), String> {
-        match sys::fchown_fd(fd, uid, gid) {
+        match sys::chown_path_fd(fd, uid, gid) {
             Ok(()) => Ok(()),
             Err(Errno::EPERM | Errno::EINVAL) if sys::geteuid() != 0 => {
                 if !self.warned_chown {

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::sys::{Errno, SetTime, Stat, SysResult};
@@ -130,7 +131,13 @@ impl StrataFuse {
 impl Filesystem for StrataFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open, so a truncating open skips copying data.
-        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS;
+        // Readdirplus hands out attributes with names, saving a lookup per
+        // entry for `ls -l` and `rm -rf`; "auto" lets the kernel use it only
+        // when lookups follow a listing.
+        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         if self.parallel {
             wanted |= InitFlags::FUSE_PARALLEL_DIROPS;
         }
@@ -180,16 +187,17 @@ impl Filesystem for StrataFuse {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = AttrChange { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
-        match self.fs.setattr(ino.0, fh.map(|h| h.0), change) {
+        let change =
+            AttrChange { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), ctime: ctime.is_some() };
+        match self.fs.setattr(ino.0, change) {
             Ok(stat) => reply.attr(&self.ttl, &attr(&stat)),
             Err(err) => reply.error(errno(err)),
         }
@@ -306,22 +314,29 @@ impl Filesystem for StrataFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            // The kernel may keep listings: every change to a directory goes
+            // through this mount, and the kernel drops its copy on each one.
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
             Err(err) => reply.error(errno(err)),
         }
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let next = offset + i as u64 + 1;
-                    if reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let result = self.fs.readdir(fh.0, offset, |next, item| {
+            reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let result = self.fs.readdirplus(fh.0, offset, |next, item, entry| {
+            reply.add(INodeNo(entry.ino), next, &item.name, &self.ttl, &attr(&entry.stat), Generation(0))
+        });
+        match result {
+            Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(err)),
         }
     }

@@ -30,8 +30,15 @@ pub struct Node {
     pub lowers: Vec<Source>,
     /// A lower hard link already copied up: its data is in the index.
     pub indexed: bool,
-    /// st_nlink of the lower copy (for indexed hard links).
+    /// st_nlink of the lower copy (its names in that layer).
     pub lower_nlink: u64,
+    /// The link count the mount shows for a hard link whose names span
+    /// layers (a copied-up lower hard link), kept in the copy's
+    /// `strata.nlink` xattr because no single layer knows it.
+    pub nlink: Option<u64>,
+    /// Known to have no extended attributes a user can see: getxattr
+    /// (asked by `ls -l` for every file) is answered without I/O.
+    pub no_xattrs: bool,
     /// How many lookups the kernel holds.
     pub lookups: u64,
 }
@@ -104,6 +111,9 @@ impl InodeTable {
                     known.in_upper = true;
                 }
                 known.indexed |= fresh.indexed;
+                if fresh.nlink.is_some() {
+                    known.nlink = fresh.nlink;
+                }
             }
             Some(stale) => {
                 // The inode number was reused by a new file after the old

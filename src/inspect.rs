@@ -82,11 +82,11 @@ fn resolve_target(store: &Store, target: &str) -> Result<Target, String> {
         let labels = (0..stack.layers.len())
             .map(|id| {
                 let path = &stack.layers[id].path;
-                if stack.upper() == Some(id) {
+                if stack.is_upper(id) {
                     return format!("upper {}", path.display());
                 }
                 // A layer of the store: numbered like `strata layers` (1 = bottom).
-                let number = count + usize::from(stack.upper().is_some()) - id;
+                let number = count + usize::from(stack.has_upper) - id;
                 match path.strip_prefix(&layers_dir).ok().and_then(|rest| rest.iter().next()) {
                     Some(hex) => format!("layer {number}/{count} {}", short(&hex.to_string_lossy())),
                     None => format!("{} {}", stack.layer_name(id), path.display()),
@@ -366,10 +366,10 @@ impl Step<'_> {
         for entry in &new_entries {
             let child_path = path.join(&entry.name);
             let in_old = old_names.remove(entry.name.as_os_str()).is_some();
-            if entry.layer != 0 {
+            let Some(new) = self.new.lookup(new_sources, &entry.name).map_err(err)? else { continue };
+            if new.top.layer != 0 {
                 continue; // the new layer (id 0) has nothing here
             }
-            let Some(new) = self.new.lookup(new_sources, &entry.name).map_err(err)? else { continue };
             let old = if in_old { self.old.lookup(old_sources, &entry.name).map_err(err)? } else { None };
             match old {
                 None => self.added_tree(&child_path, &new)?,

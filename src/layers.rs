@@ -127,7 +127,6 @@ pub struct ListEntry {
     /// A libc::DT_* value.
     pub kind: u8,
     pub ino: u64,
-    pub layer: LayerId,
 }
 
 pub struct LayerStack {
@@ -194,10 +193,6 @@ impl LayerStack {
         })
     }
 
-    pub fn upper(&self) -> Option<LayerId> {
-        self.has_upper.then_some(0)
-    }
-
     pub fn is_upper(&self, layer: LayerId) -> bool {
         self.has_upper && layer == 0
     }
@@ -209,6 +204,12 @@ impl LayerStack {
         } else {
             format!("lower {}", layer + 1 - usize::from(self.has_upper))
         }
+    }
+
+    /// The layer's name and its directory's last component: "lower 2 (base)".
+    pub fn describe(&self, layer: LayerId) -> String {
+        let dir = self.layers[layer].path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{} ({dir})", self.layer_name(layer))
     }
 
     /// Inode numbers: the real ones when every layer shares one filesystem
@@ -384,10 +385,7 @@ impl LayerStack {
             libc::S_IFCHR => Ok(stat.st_rdev == 0),
             libc::S_IFREG if stat.st_size == 0 => {
                 let dir_marks = XattrTarget::fd(dir);
-                let parent_x = [XattrNamespace::Trusted, XattrNamespace::User]
-                    .iter()
-                    .any(|ns| matches!(dir_marks.get_opt(&ns.overlay("opaque")), Ok(Some(v)) if v == b"x"));
-                if !parent_x {
+                if !has_xattr_whiteouts(&dir_marks) {
                     return Ok(false);
                 }
                 let file = XattrTarget::new(dir, name)?;
@@ -435,6 +433,9 @@ impl LayerStack {
             Err(err) => return Err(err),
         };
         let dir = sys::dup(fd.as_fd())?;
+        // Only a directory marked opaque "x" can hold xattr whiteouts (empty
+        // regular files); elsewhere a regular file needs no stat.
+        let xattr_whiteouts = has_xattr_whiteouts(&XattrTarget::fd(dir.as_fd()));
         let mut listing = LayerListing { entries: Vec::new(), hidden: Vec::new(), hidden_below: Vec::new() };
         for entry in sys::read_dir(fd)? {
             let name_bytes = entry.name.as_bytes();
@@ -446,11 +447,13 @@ impl LayerStack {
             }
             let mut kind = entry.kind;
             let mut ino = entry.ino;
-            // Whiteouts are char devices or empty files: only those (and
-            // entries whose type the filesystem does not say) need a stat.
-            // Upper entries do too: a copied-up one keeps its origin inode.
+            // Whiteouts are char devices, or empty files in an "x" directory:
+            // only those (and entries whose type the filesystem does not
+            // say) need a stat. Upper entries do too: a copied-up one keeps
+            // its origin inode.
             let upper = self.is_upper(source.layer);
-            if matches!(kind, libc::DT_CHR | libc::DT_UNKNOWN | libc::DT_REG) || upper {
+            let maybe_whiteout = kind == libc::DT_CHR || (kind == libc::DT_REG && xattr_whiteouts);
+            if maybe_whiteout || kind == libc::DT_UNKNOWN || upper {
                 let stat = match sys::fstatat(dir.as_fd(), &entry.name) {
                     Ok(stat) => stat,
                     Err(Errno::ENOENT) => continue,
@@ -470,7 +473,7 @@ impl LayerStack {
             {
                 stable = origin;
             }
-            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable, layer: source.layer });
+            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable });
         }
         let listing = Arc::new(listing);
         if cacheable {
@@ -508,6 +511,13 @@ impl Marks {
         }
         Ok(marks)
     }
+}
+
+/// Whether a directory is marked as holding xattr whiteouts (opaque "x").
+fn has_xattr_whiteouts(dir: &XattrTarget<'_>) -> bool {
+    [XattrNamespace::Trusted, XattrNamespace::User]
+        .iter()
+        .any(|ns| matches!(dir.get_opt(&ns.overlay("opaque")), Ok(Some(v)) if v == b"x"))
 }
 
 fn opaque_by_xattr(xattrs: &XattrTarget<'_>) -> bool {

@@ -5,12 +5,16 @@
 //! inode table and copy-up (`unionfs`, `inodes`, `copyup`) -> FUSE adapter
 //! (`fuse`), run by `daemon`. Raw system calls live in `sys`.
 
+mod commit;
 mod config;
+mod control;
 mod copyup;
 mod daemon;
+mod diff;
 mod digest;
 mod extract;
 mod fuse;
+mod idmap;
 mod import;
 mod inodes;
 mod inspect;
@@ -18,6 +22,7 @@ mod layers;
 mod store;
 mod sys;
 mod tarball;
+mod trace;
 mod unionfs;
 
 use std::ffi::OsString;
@@ -42,6 +47,27 @@ enum Command {
     /// Unmount a Strata mount and wait for its daemon to exit.
     #[command(alias = "unmount")]
     Umount { mountpoint: PathBuf },
+    /// Counters of a running mount: lookups per layer, copy-ups, whiteouts, memory.
+    Stats {
+        mountpoint: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Watch a running mount change its layers: copy-ups, whiteouts, opaque dirs.
+    Trace {
+        mountpoint: PathBuf,
+        /// Show lookups too (which layer served each path).
+        #[arg(long)]
+        all: bool,
+        /// `human` or `json`.
+        #[arg(long, default_value = "human")]
+        format: String,
+    },
+    /// List what a container changed (A added, C changed, D deleted), as docker diff does.
+    Diff(diff::DiffArgs),
+    /// Write the upper layer's changes as an OCI layer tarball.
+    Commit(commit::CommitArgs),
     /// Import a docker save archive or an OCI layout (directory or tar) into the layer store.
     Import(ImportArgs),
     /// List the images in the layer store.
@@ -157,6 +183,16 @@ struct MountArgs {
     /// Event loops serving the mount.
     #[arg(long)]
     threads: Option<usize>,
+    /// Print each event that changes the layers (copy-up, whiteout, ...):
+    /// to FILE, or to this terminal (the mount then stays in the foreground).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true, default_missing_value = "-")]
+    trace: Option<PathBuf>,
+    /// With --trace: lookups too, showing which layer served each path.
+    #[arg(long)]
+    trace_all: bool,
+    /// With --trace: `human` or `json`.
+    #[arg(long, default_value = "human")]
+    trace_format: String,
     mountpoint: PathBuf,
 }
 
@@ -167,6 +203,10 @@ fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
         "mount",
         "umount",
         "unmount",
+        "stats",
+        "trace",
+        "diff",
+        "commit",
         "import",
         "images",
         "rmi",
@@ -199,7 +239,12 @@ fn init_logging(verbose: u8, debug: bool) {
         (false, 1) => "info",
         (false, _) => "debug",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp_millis().init();
+    // fuser warns when it finds the mount already gone at exit, which is
+    // the normal end after `strata umount`: keep that quiet unless debugging.
+    let filter = if debug { level.to_string() } else { format!("{level},fuser::session=error") };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
+        .format_timestamp_millis()
+        .init();
 }
 
 fn mount(args: MountArgs) -> Result<(), String> {
@@ -234,6 +279,13 @@ fn mount(args: MountArgs) -> Result<(), String> {
     config.debug |= args.debug;
     if let Some(threads) = args.threads {
         config.threads = threads.clamp(1, 64);
+    }
+    if let Some(target) = args.trace {
+        let to_terminal = target.as_os_str() == "-";
+        let format = trace_format(&args.trace_format, to_terminal)?;
+        config.foreground |= to_terminal;
+        config.trace =
+            Some(config::TraceConfig { file: (!to_terminal).then_some(target), format, lookups: args.trace_all });
     }
     init_logging(args.verbose, config.debug);
     let ephemeral = config.ephemeral.clone();
@@ -312,6 +364,57 @@ fn prune_command(arg: &StoreArg) -> Result<(), String> {
     Ok(())
 }
 
+/// The event format asked for; colored only on a terminal.
+fn trace_format(name: &str, to_terminal: bool) -> Result<trace::Format, String> {
+    use std::io::IsTerminal;
+    match name {
+        "json" => Ok(trace::Format::Json),
+        "human" => Ok(trace::Format::Human { color: to_terminal && std::io::stderr().is_terminal() }),
+        other => Err(format!("unknown trace format {other:?} (human or json)")),
+    }
+}
+
+/// `strata stats MOUNTPOINT`
+fn stats(mountpoint: &std::path::Path, format: &str) -> Result<(), String> {
+    let request = match format {
+        "text" => "stats",
+        "json" => "stats json",
+        other => return Err(format!("unknown format {other:?} (text or json)")),
+    };
+    let socket = daemon::control_socket(mountpoint)?;
+    let mut stream = control::request(&socket, request).map_err(|err| format!("{}: {err}", socket.display()))?;
+    std::io::copy(&mut stream, &mut std::io::stdout()).map_err(|err| err.to_string())?;
+    Ok(())
+}
+
+/// `strata trace MOUNTPOINT`: stream events until interrupted.
+fn trace_mount(mountpoint: &std::path::Path, all: bool, format: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let format = match format {
+        "json" => "json",
+        "human" if std::io::stdout().is_terminal() => "color",
+        "human" => "human",
+        other => return Err(format!("unknown format {other:?} (human or json)")),
+    };
+    let socket = daemon::control_socket(mountpoint)?;
+    let request = format!("trace {format} {}", if all { "all" } else { "changes" });
+    let mut stream = control::request(&socket, &request).map_err(|err| format!("{}: {err}", socket.display()))?;
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    loop {
+        use std::io::{Read, Write};
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                    return Ok(()); // the reader went away (e.g. `| head`)
+                }
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args_os().collect()));
     if !matches!(cli.command, Command::Mount(_) | Command::Umount { .. }) {
@@ -321,6 +424,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mount(args) => mount(args),
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
+        Command::Stats { mountpoint, format } => stats(&mountpoint, &format),
+        Command::Trace { mountpoint, all, format } => trace_mount(&mountpoint, all, &format),
+        Command::Diff(args) => diff::run(args),
+        Command::Commit(args) => commit::run(args),
         Command::Import(args) => import_command(args),
         Command::Images { store } => images_command(&store),
         Command::Rmi { store, images } => rmi_command(&store, &images),

@@ -11,7 +11,7 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use nix::errno::Errno;
 
@@ -42,6 +42,32 @@ pub fn cstr(name: &OsStr) -> SysResult<CString> {
 /// itself) beneath `root`. No component may be a symlink and no `..` may
 /// leave `root`: this is the one place where a layer path is resolved.
 pub fn open_beneath(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    // A path longer than the kernel takes in one call (PATH_MAX) is walked
+    // in pieces, each resolved beneath the directory the previous one opened.
+    const PIECE: usize = 2048;
+    if path.as_os_str().len() > PIECE {
+        let mut pieces = Vec::new();
+        let mut current = PathBuf::new();
+        for component in path.iter() {
+            if !current.as_os_str().is_empty() && current.as_os_str().len() + component.len() + 1 > PIECE {
+                pieces.push(std::mem::take(&mut current));
+            }
+            current.push(component);
+        }
+        pieces.push(current);
+        let (last, leading) = pieces.split_last().ok_or(Errno::EINVAL)?;
+        let mut dir: Option<OwnedFd> = None;
+        for piece in leading {
+            let base = dir.as_ref().map(|d| d.as_fd()).unwrap_or(root);
+            dir = Some(open_beneath_once(base, piece, libc::O_PATH | libc::O_DIRECTORY)?);
+        }
+        let base = dir.as_ref().map(|d| d.as_fd()).unwrap_or(root);
+        return open_beneath_once(base, last, flags);
+    }
+    open_beneath_once(root, path, flags)
+}
+
+fn open_beneath_once(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
     let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
     let c_path = cstr(path.as_os_str())?;
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -192,8 +218,21 @@ pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
     Ok(())
 }
 
+/// fchown of the file a descriptor refers to; `None` leaves that id unchanged.
+pub fn fchown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)) })?;
+    Ok(())
+}
+
+/// Open the file a descriptor refers to again, with other flags.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> SysResult<OwnedFd> {
+    let path = proc_fd_path(fd.as_raw_fd(), None);
+    let new = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// A time to set: a value, "now", or "leave it".
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SetTime {
     Omit,
     Now,
@@ -201,17 +240,24 @@ pub enum SetTime {
 }
 
 pub fn utimensat(dir: BorrowedFd<'_>, name: &OsStr, atime: SetTime, mtime: SetTime) -> SysResult<()> {
-    fn spec(t: SetTime) -> libc::timespec {
-        match t {
-            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-            SetTime::At(ts) => ts,
-        }
-    }
     let c_name = cstr(name)?;
-    let times = [spec(atime), spec(mtime)];
+    let times = [timespec_of(atime), timespec_of(mtime)];
     check(unsafe { libc::utimensat(dir.as_raw_fd(), c_name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(())
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> SysResult<()> {
+    let times = [timespec_of(atime), timespec_of(mtime)];
+    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) })?;
+    Ok(())
+}
+
+fn timespec_of(t: SetTime) -> libc::timespec {
+    match t {
+        SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        SetTime::At(ts) => ts,
+    }
 }
 
 fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
@@ -224,19 +270,13 @@ fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
     CString::new(path).unwrap_or_default()
 }
 
-type GetFn = unsafe extern "C" fn(*const libc::c_char, *const libc::c_char, *mut libc::c_void, usize) -> isize;
-type SetFn =
-    unsafe extern "C" fn(*const libc::c_char, *const libc::c_char, *const libc::c_void, usize, libc::c_int) -> i32;
-type RemoveFn = unsafe extern "C" fn(*const libc::c_char, *const libc::c_char) -> i32;
-type ListFn = unsafe extern "C" fn(*const libc::c_char, *mut libc::c_char, usize) -> isize;
-
 /// Extended attributes of `name` in `dir`, without following a final symlink.
 /// The directory is reached through its /proc/self/fd magic link, which names
 /// the directory itself; `name` is one component and is not followed.
 pub struct XattrTarget<'a> {
     path: CString,
-    /// For a descriptor's own file: the /proc magic link must be followed
-    /// (the l*xattr calls would act on the link itself and fail).
+    /// Follow the final component: only for a descriptor's own magic link,
+    /// which names exactly the file the descriptor was opened on.
     follow: bool,
     _dir: BorrowedFd<'a>,
 }
@@ -247,37 +287,41 @@ impl<'a> XattrTarget<'a> {
         Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), follow: false, _dir: dir })
     }
 
-    /// The target is the file the descriptor itself refers to.
+    /// The target is the directory the descriptor itself refers to (an
+    /// O_PATH descriptor cannot take f*xattr calls, so its magic link is
+    /// followed instead; never use this for a symlink).
     pub fn fd(fd: BorrowedFd<'a>) -> Self {
         XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, _dir: fd }
     }
 
-    fn getxattr_fn(&self) -> GetFn {
-        if self.follow { libc::getxattr } else { libc::lgetxattr }
+    fn raw_get(&self, attr: &CStr, buf: &mut [u8]) -> libc::ssize_t {
+        let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe {
+            if self.follow {
+                libc::getxattr(self.path.as_ptr(), attr.as_ptr(), ptr, len)
+            } else {
+                libc::lgetxattr(self.path.as_ptr(), attr.as_ptr(), ptr, len)
+            }
+        }
     }
 
-    fn setxattr_fn(&self) -> SetFn {
-        if self.follow { libc::setxattr } else { libc::lsetxattr }
-    }
-
-    fn removexattr_fn(&self) -> RemoveFn {
-        if self.follow { libc::removexattr } else { libc::lremovexattr }
-    }
-
-    fn listxattr_fn(&self) -> ListFn {
-        if self.follow { libc::listxattr } else { libc::llistxattr }
+    fn raw_list(&self, buf: &mut [u8]) -> libc::ssize_t {
+        let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe {
+            if self.follow {
+                libc::listxattr(self.path.as_ptr(), ptr, len)
+            } else {
+                libc::llistxattr(self.path.as_ptr(), ptr, len)
+            }
+        }
     }
 
     pub fn get(&self, attr: &OsStr) -> SysResult<Vec<u8>> {
         let c_attr = cstr(attr)?;
         loop {
-            let size = check_size(unsafe {
-                self.getxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), std::ptr::null_mut(), 0)
-            })?;
+            let size = check_size(self.raw_get(&c_attr, &mut []))?;
             let mut buf = vec![0u8; size];
-            match check_size(unsafe {
-                self.getxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            }) {
+            match check_size(self.raw_get(&c_attr, &mut buf)) {
                 Ok(len) => {
                     buf.truncate(len);
                     return Ok(buf);
@@ -300,21 +344,31 @@ impl<'a> XattrTarget<'a> {
     pub fn set(&self, attr: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
         let c_attr = cstr(attr)?;
         check(unsafe {
-            self.setxattr_fn()(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            if self.follow {
+                libc::setxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            } else {
+                libc::lsetxattr(self.path.as_ptr(), c_attr.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            }
         })?;
         Ok(())
     }
 
     pub fn remove(&self, attr: &OsStr) -> SysResult<()> {
         let c_attr = cstr(attr)?;
-        check(unsafe { self.removexattr_fn()(self.path.as_ptr(), c_attr.as_ptr()) })?;
+        check(unsafe {
+            if self.follow {
+                libc::removexattr(self.path.as_ptr(), c_attr.as_ptr())
+            } else {
+                libc::lremovexattr(self.path.as_ptr(), c_attr.as_ptr())
+            }
+        })?;
         Ok(())
     }
 
     /// The names of all attributes.
     pub fn list(&self) -> SysResult<Vec<OsString>> {
         loop {
-            let size = match check_size(unsafe { self.listxattr_fn()(self.path.as_ptr(), std::ptr::null_mut(), 0) }) {
+            let size = match check_size(self.raw_list(&mut [])) {
                 Ok(size) => size,
                 Err(Errno::EOPNOTSUPP) => return Ok(Vec::new()),
                 Err(err) => return Err(err),
@@ -323,7 +377,7 @@ impl<'a> XattrTarget<'a> {
                 return Ok(Vec::new());
             }
             let mut buf = vec![0u8; size];
-            match check_size(unsafe { self.listxattr_fn()(self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
+            match check_size(self.raw_list(&mut buf)) {
                 Ok(len) => {
                     buf.truncate(len);
                     return Ok(buf
@@ -615,16 +669,17 @@ pub fn flock(fd: BorrowedFd<'_>, exclusive: bool, wait: bool) -> SysResult<()> {
     }
 }
 
-/// chown of the file a descriptor (O_PATH included, symlinks too) refers to.
-pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> SysResult<()> {
-    check(unsafe {
-        libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
-    })?;
-    Ok(())
-}
-
 /// Die quietly on a closed pipe (`strata layers --format json | head`), as
 /// command line tools do; Rust ignores SIGPIPE and would panic in println.
 pub fn default_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// chown of the file any descriptor refers to, O_PATH ones (symlinks
+/// included) too: fchownat with AT_EMPTY_PATH, which fchown cannot do.
+pub fn chown_path_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> SysResult<()> {
+    check(unsafe {
+        libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    })?;
+    Ok(())
 }

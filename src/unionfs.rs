@@ -14,12 +14,14 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::idmap::IdMap;
 use crate::inodes::{InodeTable, Node, ROOT};
 use crate::layers::{self, LayerStack, Source, XattrNamespace};
 use crate::sys::{self, Errno, SetTime, Stat, SysResult, XattrTarget};
+use crate::trace::{Event, Monitor};
 
 /// Who asks: the credentials of the calling process.
 #[derive(Clone, Copy, Debug)]
@@ -45,6 +47,9 @@ pub struct FsOptions {
     pub fsync: bool,
     /// Report st_nlink 1 for every directory (`static_nlink`).
     pub static_nlink: bool,
+    /// Ownership shifting between the layers and the mount.
+    pub uids: IdMap,
+    pub gids: IdMap,
 }
 
 /// A looked-up entry: its inode number and attributes.
@@ -55,7 +60,7 @@ pub struct Entry {
 }
 
 /// Attribute changes requested by setattr.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AttrChange {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -63,6 +68,8 @@ pub struct AttrChange {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// The caller asked for ctime to move (e.g. chown(-1, -1)).
+    pub ctime: bool,
 }
 
 /// One entry of a directory snapshot taken at opendir.
@@ -74,15 +81,25 @@ pub struct DirItem {
 }
 
 struct OpenFile {
-    file: File,
+    ino: u64,
+    /// Opened read-only on a lower copy: after a copy-up (through another
+    /// handle) the handle moves to the upper copy, so it sees later writes,
+    /// as with the kernel's overlayfs.
+    on_lower: AtomicBool,
+    file: Mutex<Arc<File>>,
 }
 
 struct OpenDir {
-    items: Vec<DirItem>,
+    ino: u64,
+    /// The merged listing, taken at the first readdir: when the kernel
+    /// serves the directory from its own cache, it is never built.
+    items: std::sync::OnceLock<Vec<DirItem>>,
 }
 
 /// The scratch directory kept inside the work directory, as the kernel does.
 const WORK_SUBDIR: &str = "work";
+/// The whiteout inode every whiteout of the upper is a link to.
+const SHARED_WHITEOUT: &str = "#strata-whiteout";
 /// Hard-linked lower files that were copied up, by inode number, so their
 /// other names keep sharing the copy.
 const INDEX_SUBDIR: &str = "strata-index";
@@ -101,6 +118,8 @@ pub struct UnionFs {
     next_temp: AtomicU64,
     /// Copy-ups of one inode are serialised; different inodes copy in parallel.
     copy_locks: Vec<Mutex<()>>,
+    /// Counters and trace subscribers.
+    pub monitor: Monitor,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -129,6 +148,7 @@ impl UnionFs {
             None => (None, None, WhiteoutStyle::Device),
         };
         let root_sources = stack.root_sources();
+        let layer_count = stack.layers.len();
         let root = Node {
             names: Vec::new(),
             kind: libc::S_IFDIR,
@@ -136,6 +156,8 @@ impl UnionFs {
             lowers: root_sources.into_iter().filter(|s| !stack.is_upper(s.layer)).collect(),
             indexed: false,
             lower_nlink: 0,
+            nlink: None,
+            no_xattrs: false,
             lookups: 1,
         };
         Ok(UnionFs {
@@ -150,6 +172,7 @@ impl UnionFs {
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            monitor: Monitor::new(layer_count),
         })
     }
 
@@ -161,7 +184,10 @@ impl UnionFs {
         self.whiteouts
     }
 
-    #[allow(dead_code)] // kept for debugging and tests of the inode table
+    pub fn open_files(&self) -> usize {
+        lock(&self.files).len()
+    }
+
     pub fn cached_inodes(&self) -> usize {
         lock(&self.table).len()
     }
@@ -199,10 +225,12 @@ impl UnionFs {
     fn location(&self, ino: u64) -> SysResult<Location> {
         let table = lock(&self.table);
         let node = table.get(ino)?;
-        if node.in_upper {
-            Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
-        } else if node.indexed {
+        if node.indexed {
+            // A hard link copied up: its index entry is the inode every
+            // upper name shares, whichever name the node was reached by.
             Ok(Location::Index(ino))
+        } else if node.in_upper {
+            Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
         } else {
             node.lowers.first().cloned().map(Location::Layer).ok_or(Errno::ENOENT)
         }
@@ -210,6 +238,21 @@ impl UnionFs {
 
     fn upper_path(&self, ino: u64) -> SysResult<PathBuf> {
         lock(&self.table).path(ino)
+    }
+
+    /// The path a user sees for a node, for messages and traces.
+    fn shown_path(&self, ino: u64) -> String {
+        match self.upper_path(ino) {
+            Ok(path) => format!("/{}", path.display()),
+            Err(_) => "(unlinked)".to_string(),
+        }
+    }
+
+    fn shown_child_path(&self, parent: u64, name: &OsStr) -> String {
+        match self.upper_path(parent) {
+            Ok(path) => format!("/{}", path.join(name).display()),
+            Err(_) => format!("?/{}", name.to_string_lossy()),
+        }
     }
 
     /// An O_PATH descriptor of the node's directory in the upper layer.
@@ -255,15 +298,15 @@ impl UnionFs {
     /// The attributes the mount shows for a node, from the stat of its copy.
     fn present(&self, ino: u64, mut stat: Stat) -> Stat {
         stat.st_ino = ino;
+        stat.st_uid = self.options.uids.shown(stat.st_uid);
+        stat.st_gid = self.options.gids.shown(stat.st_gid);
         if let Ok(node) = lock(&self.table).get(ino) {
             if node.is_dir() && (self.options.static_nlink || node.is_merged_dir()) {
                 // The kernel's overlayfs reports 1 for merged directories:
                 // their true link count is unknown, and 1 tells find(1) so.
                 stat.st_nlink = 1;
-            } else if node.indexed && node.in_upper {
-                stat.st_nlink = (stat.st_nlink.saturating_sub(1)).max(node.lower_nlink);
-            } else if node.indexed {
-                stat.st_nlink = node.lower_nlink.max(stat.st_nlink.saturating_sub(1));
+            } else if let Some(nlink) = node.nlink {
+                stat.st_nlink = nlink;
             }
         }
         if ino == ROOT {
@@ -285,7 +328,21 @@ impl UnionFs {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
+        self.note_served(parent, name, resolved.top.layer);
         Ok(self.remember(parent, name, resolved))
+    }
+
+    /// Count (and trace) which layer served a name to the kernel.
+    fn note_served(&self, parent: u64, name: &OsStr, layer: layers::LayerId) {
+        if let Some(counter) = self.monitor.lookups_per_layer.get(layer) {
+            Monitor::count(counter, 1);
+        }
+        if self.monitor.wants_lookups() {
+            self.monitor.emit(|| Event::Lookup {
+                path: self.shown_child_path(parent, name),
+                layer: self.stack.describe(layer),
+            });
+        }
     }
 
     fn remember(&self, parent: u64, name: &OsStr, resolved: layers::Resolved) -> Entry {
@@ -300,15 +357,20 @@ impl UnionFs {
         };
         let mut stat = resolved.stat;
         let mut indexed = false;
+        let mut nlink = None;
         let lower_nlink = if in_upper { 0 } else { stat.st_nlink };
-        if !in_upper && kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
-            // Another name of this hard link was copied up earlier: serve
-            // the shared copy.
+        if kind_of(&stat) == libc::S_IFREG && stat.st_nlink > 1 {
+            // A hard link with a copy in the index: a lower name is served
+            // from that copy (another name was copied up), and every name
+            // shows the count kept with it.
             if let Some(index) = &self.index
                 && let Ok(copy) = sys::fstatat(index.as_fd(), &index_name(resolved.ino))
             {
-                stat = copy;
+                if !in_upper {
+                    stat = copy;
+                }
                 indexed = true;
+                nlink = self.read_nlink(resolved.ino);
             }
         }
         let node = Node {
@@ -318,6 +380,8 @@ impl UnionFs {
             lowers,
             indexed,
             lower_nlink,
+            nlink,
+            no_xattrs: false,
             lookups: 0,
         };
         lock(&self.table).remember(resolved.ino, node);
@@ -329,42 +393,60 @@ impl UnionFs {
     }
 
     pub fn getattr(&self, ino: u64, handle: Option<u64>) -> SysResult<Stat> {
-        if let Some(file) = handle.and_then(|h| lock(&self.files).get(&h).cloned()) {
-            return Ok(self.present(ino, sys::fstat(file.file.as_fd())?));
+        if let Some(file) = handle.and_then(|h| self.file(h).ok()) {
+            return Ok(self.present(ino, sys::fstat(file.as_fd())?));
         }
-        let location = self.location(ino)?;
         let stat = if ino == ROOT {
-            let fd = self.open_location(&location, libc::O_PATH)?;
+            let fd = self.open_location(&self.location(ino)?, libc::O_PATH)?;
             sys::fstat(fd.as_fd())?
         } else {
-            self.stat_location(&location)?
+            match self.location(ino).and_then(|location| self.stat_location(&location)) {
+                Ok(stat) => stat,
+                // fstat(2) of an unlinked open file comes without a handle.
+                Err(Errno::ENOENT) => match self.open_file_of(ino) {
+                    Some(file) => sys::fstat(file.as_fd())?,
+                    None => return Err(Errno::ENOENT),
+                },
+                Err(err) => return Err(err),
+            }
         };
         Ok(self.present(ino, stat))
     }
 
-    pub fn setattr(&self, ino: u64, handle: Option<u64>, change: AttrChange) -> SysResult<Stat> {
+    pub fn setattr(&self, ino: u64, change: AttrChange) -> SysResult<Stat> {
         self.writable()?;
         self.copy_up(ino, change.size == Some(0))?;
-        let path = self.upper_path(ino)?;
-        let root = self.stack.layers[0].root.as_fd();
-        let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
-        let name = path.file_name().map(OsStr::to_owned).unwrap_or_else(|| ".".into());
-        if change.uid.is_some() || change.gid.is_some() {
-            sys::fchownat(parent.as_fd(), &name, change.uid, change.gid)?;
+        let location = match self.location(ino) {
+            Ok(location) => location,
+            // Unlinked but still open: change it through the open file.
+            Err(Errno::ENOENT) => return self.setattr_open(ino, change),
+            Err(err) => return Err(err),
+        };
+        let (parent, name) = match self.parent_and_name(&location) {
+            Err(Errno::ENOENT) => return self.setattr_open(ino, change),
+            other => other?,
+        };
+        if !sys::exists_at(parent.as_fd(), &name)? {
+            return self.setattr_open(ino, change);
+        }
+        // chown(-1, -1) changes nothing but ctime, which only a change can
+        // set. Without writeback caching the kernel sends it as a setattr
+        // with no field at all.
+        let touch_only = change == AttrChange { ctime: change.ctime, ..AttrChange::default() };
+        if change.uid.is_some() || change.gid.is_some() || touch_only {
+            let uid = change.uid.map(|id| self.options.uids.stored(id));
+            let gid = change.gid.map(|id| self.options.gids.stored(id));
+            sys::fchownat(parent.as_fd(), &name, uid, gid)?;
         }
         if let Some(mode) = change.mode {
-            let fd = sys::open_beneath(root, &path, libc::O_PATH)?;
+            let fd = sys::openat(parent.as_fd(), &name, libc::O_PATH, 0)?;
             sys::fchmod_fd(fd.as_fd(), mode & 0o7777)?;
         }
         if let Some(size) = change.size {
-            let open = handle.and_then(|h| lock(&self.files).get(&h).cloned());
-            match open {
-                Some(file) if self.location(ino).is_ok() => sys::ftruncate(file.file.as_fd(), size)?,
-                _ => {
-                    let fd = sys::open_beneath(root, &path, libc::O_WRONLY)?;
-                    sys::ftruncate(fd.as_fd(), size)?;
-                }
-            }
+            // The daemon may open the upper copy for writing whatever its
+            // mode: the kernel already checked the caller's right to truncate.
+            let fd = sys::openat(parent.as_fd(), &name, libc::O_WRONLY, 0)?;
+            sys::ftruncate(fd.as_fd(), size)?;
         }
         if change.atime.is_some() || change.mtime.is_some() {
             sys::utimensat(
@@ -375,6 +457,34 @@ impl UnionFs {
             )?;
         }
         self.getattr(ino, None)
+    }
+
+    /// setattr of a file that has no name left, through one of its handles.
+    fn setattr_open(&self, ino: u64, change: AttrChange) -> SysResult<Stat> {
+        let file = self.open_file_of(ino).ok_or(Errno::ENOENT)?;
+        let fd = file.as_fd();
+        if change.uid.is_some() || change.gid.is_some() || change.ctime {
+            let uid = change.uid.map(|id| self.options.uids.stored(id));
+            let gid = change.gid.map(|id| self.options.gids.stored(id));
+            sys::fchown_fd(fd, uid, gid)?;
+        }
+        if let Some(mode) = change.mode {
+            sys::fchmod_fd(fd, mode & 0o7777)?;
+        }
+        if let Some(size) = change.size {
+            let writable = sys::reopen(fd, libc::O_WRONLY)?;
+            sys::ftruncate(writable.as_fd(), size)?;
+        }
+        if change.atime.is_some() || change.mtime.is_some() {
+            sys::futimens(fd, change.atime.unwrap_or(SetTime::Omit), change.mtime.unwrap_or(SetTime::Omit))?;
+        }
+        Ok(self.present(ino, sys::fstat(fd)?))
+    }
+
+    /// Any open file of `ino` (for a file whose last name is gone).
+    fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        let handle = lock(&self.files).iter().find(|(_, open)| open.ino == ino).map(|(h, _)| *h)?;
+        self.file(handle).ok()
     }
 
     pub fn readlink(&self, ino: u64) -> SysResult<OsString> {
@@ -414,6 +524,8 @@ impl UnionFs {
             (source, node.indexed, node.kind, name, node.lower_nlink)
         };
         let upper_parent = self.upper_dir(parent)?;
+        let started = std::time::Instant::now();
+        let mut copied = 0;
         if indexed {
             // A hard link whose data was copied up through another name.
             let index = self.index.as_ref().ok_or(Errno::EROFS)?;
@@ -421,15 +533,22 @@ impl UnionFs {
         } else {
             let work = self.work()?;
             let temp = self.temp_name();
-            let result = crate::copyup::copy_entry(self, &source, kind, work.as_fd(), &temp, ino, skip_data);
-            if let Err(err) = result {
-                crate::copyup::remove_temp(work.as_fd(), &temp);
-                return Err(err);
+            match crate::copyup::copy_entry(self, &source, kind, work.as_fd(), &temp, ino, skip_data) {
+                Ok(bytes) => copied = bytes,
+                Err(err) => {
+                    crate::copyup::remove_temp(work.as_fd(), &temp);
+                    return Err(err);
+                }
             }
             if kind == libc::S_IFREG && lower_nlink > 1 {
                 // Remember the copy so the other names of this hard link
-                // keep sharing it.
+                // keep sharing it, with the count of names it has.
                 if let Some(index) = &self.index {
+                    XattrTarget::new(work.as_fd(), &temp)?.set(
+                        &self.namespace().strata("nlink"),
+                        &lower_nlink.to_le_bytes(),
+                        0,
+                    )?;
                     match sys::linkat(work.as_fd(), &temp, index.as_fd(), &index_name(ino)) {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(err) => log::warn!("cannot index hard link {ino}: {err}"),
@@ -441,10 +560,24 @@ impl UnionFs {
                 return Err(err);
             }
         }
-        let mut table = lock(&self.table);
-        let node = table.get_mut(ino)?;
-        node.in_upper = true;
-        node.indexed = node.indexed || (kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some());
+        {
+            let mut table = lock(&self.table);
+            let node = table.get_mut(ino)?;
+            node.in_upper = true;
+            if kind == libc::S_IFREG && lower_nlink > 1 && self.index.is_some() && !node.indexed {
+                node.indexed = true;
+                node.nlink = Some(lower_nlink);
+            }
+        }
+        Monitor::count(&self.monitor.copy_ups, 1);
+        Monitor::count(&self.monitor.copied_bytes, copied);
+        self.monitor.emit(|| Event::CopyUp {
+            path: self.shown_path(ino),
+            layer: self.stack.describe(source.layer),
+            bytes: copied,
+            took: started.elapsed(),
+            data: kind == libc::S_IFREG && !skip_data && !indexed,
+        });
         Ok(())
     }
 
@@ -527,14 +660,15 @@ impl UnionFs {
             // New entries belong to the caller; a setgid directory passes
             // its group (and, to directories, the setgid bit) on.
             let inherit = parent_stat.st_mode & libc::S_ISGID != 0;
-            let gid = if inherit { parent_stat.st_gid } else { caller.gid };
-            sys::fchownat(work.as_fd(), &temp, Some(caller.uid), Some(gid))?;
+            let caller_gid = self.options.gids.stored(caller.gid);
+            let gid = if inherit { parent_stat.st_gid } else { caller_gid };
+            sys::fchownat(work.as_fd(), &temp, Some(self.options.uids.stored(caller.uid)), Some(gid))?;
             if mode & libc::S_IFMT != libc::S_IFLNK {
                 let mut perm = mode & 0o7777;
                 if is_dir && inherit {
                     perm |= libc::S_ISGID;
                 }
-                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller.gid && caller.uid != 0 {
+                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller_gid && caller.uid != 0 {
                     perm &= !libc::S_ISGID;
                 }
                 let fd = sys::openat(work.as_fd(), &temp, libc::O_PATH, 0)?;
@@ -559,6 +693,12 @@ impl UnionFs {
         if let Err(err) = finish() {
             crate::copyup::remove_temp(work.as_fd(), &temp);
             return Err(err);
+        }
+        Monitor::count(&self.monitor.creates, 1);
+        self.monitor.emit(|| Event::Create { path: self.shown_child_path(parent, name), kind: kind_name(mode) });
+        if is_dir && replaces_whiteout {
+            Monitor::count(&self.monitor.opaque_dirs, 1);
+            self.monitor.emit(|| Event::Opaque { path: self.shown_child_path(parent, name) });
         }
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
         Ok((self.remember(parent, name, resolved), built))
@@ -598,7 +738,7 @@ impl UnionFs {
         let (entry, file) = self.install(parent, name, caller, mode, |work, temp| {
             sys::openat(work.as_fd(), temp, open_flags, 0o600).map(File::from)
         })?;
-        Ok((entry, self.add_file(file)))
+        Ok((entry, self.add_file(entry.ino, file, false)))
     }
 
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> SysResult<Entry> {
@@ -615,11 +755,10 @@ impl UnionFs {
         }
         self.copy_up(ino, false)?;
         self.copy_up(new_parent, false)?;
-        let path = self.upper_path(ino)?;
-        let old_dir = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
-        let old_name = path.file_name().ok_or(Errno::EINVAL)?;
+        let (old_dir, old_name) = self.parent_and_name(&self.location(ino)?)?;
         let new_dir = self.upper_dir(new_parent)?;
-        self.link_into_place(old_dir.as_fd(), old_name, new_dir.as_fd(), new_name)?;
+        self.link_into_place(old_dir.as_fd(), &old_name, new_dir.as_fd(), new_name)?;
+        self.adjust_nlink(ino, 1)?;
         let resolved = self.resolve(new_parent, new_name)?.ok_or(Errno::ENOENT)?;
         Ok(self.remember(new_parent, new_name, resolved))
     }
@@ -636,9 +775,18 @@ impl UnionFs {
     /// whatever upper entry is there (atomically).
     fn whiteout(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
         let work = self.work()?;
+        // Nothing in the upper under that name: one link of the shared
+        // whiteout is atomic already.
+        if self.whiteouts == WhiteoutStyle::Device {
+            match self.link_shared_whiteout(work.as_fd(), dir, name) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EEXIST) => {}
+                Err(err) => return Err(err),
+            }
+        }
         let temp = self.temp_name();
         match self.whiteouts {
-            WhiteoutStyle::Device => sys::mknodat(work.as_fd(), &temp, libc::S_IFCHR, 0)?,
+            WhiteoutStyle::Device => self.link_shared_whiteout(work.as_fd(), work.as_fd(), &temp)?,
             WhiteoutStyle::Xattr => {
                 let file = sys::openat(work.as_fd(), &temp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
                 drop(file);
@@ -668,6 +816,39 @@ impl UnionFs {
         // in the work directory under the temporary name.
         crate::copyup::remove_temp(work.as_fd(), &temp);
         result
+    }
+
+    fn note_whiteout(&self, parent: u64, name: &OsStr) {
+        Monitor::count(&self.monitor.whiteouts, 1);
+        self.monitor.emit(|| Event::Whiteout { path: self.shown_child_path(parent, name) });
+    }
+
+    /// Make `name` in `dir` a whiteout by linking the one whiteout inode
+    /// kept in the work directory, as the kernel's overlayfs does: making a
+    /// new inode per deleted file costs far more than a link.
+    fn link_shared_whiteout(
+        &self,
+        work: std::os::fd::BorrowedFd<'_>,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> SysResult<()> {
+        let shared = OsStr::new(SHARED_WHITEOUT);
+        for _ in 0..3 {
+            match sys::linkat(work, shared, dir, name) {
+                Err(Errno::ENOENT) => match sys::mknodat(work, shared, libc::S_IFCHR, 0) {
+                    Ok(()) | Err(Errno::EEXIST) => continue,
+                    Err(err) => return Err(err),
+                },
+                // Too many links: start a new shared whiteout.
+                Err(Errno::EMLINK) => {
+                    let fresh = self.temp_name();
+                    sys::mknodat(work, &fresh, libc::S_IFCHR, 0)?;
+                    sys::renameat2(work, &fresh, work, shared, 0)?;
+                }
+                other => return other,
+            }
+        }
+        sys::mknodat(dir, name, libc::S_IFCHR, 0)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
@@ -700,10 +881,23 @@ impl UnionFs {
         if is_dir && !self.stack.list(&self.dir_sources(ino)?)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
+        let lower_hard_link = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            node.kind == libc::S_IFREG && !node.in_upper && !node.indexed && node.lower_nlink > 1
+        };
+        if lower_hard_link {
+            // Its other names must show one link less: copy it up so the
+            // count has a place to live.
+            self.copy_up(ino, false)?;
+        }
         self.copy_up(parent, false)?;
         let upper_parent = self.upper_dir(parent)?;
-        if self.lower_has(parent, name)? {
+        // An entry not in the upper comes from a lower layer; one in the
+        // upper may hide a lower one that must stay hidden.
+        if !in_upper || self.lower_has(parent, name)? {
             self.whiteout(upper_parent.as_fd(), name)?;
+            self.note_whiteout(parent, name);
         } else if in_upper {
             if is_dir {
                 clear_whiteouts(upper_parent.as_fd(), name)?;
@@ -711,6 +905,36 @@ impl UnionFs {
             sys::unlinkat(upper_parent.as_fd(), name, is_dir)?;
         }
         lock(&self.table).remove_name(ino, parent, &name.to_owned());
+        if !is_dir {
+            self.adjust_nlink(ino, -1)?;
+        }
+        Ok(())
+    }
+
+    fn read_nlink(&self, ino: u64) -> Option<u64> {
+        let index = self.index.as_ref()?;
+        let xattrs = XattrTarget::new(index.as_fd(), &index_name(ino)).ok()?;
+        let value = xattrs.get_opt(&self.namespace().strata("nlink")).ok()??;
+        Some(u64::from_le_bytes(value.try_into().ok()?))
+    }
+
+    /// A name of a copied-up hard link was added or removed: keep its count.
+    /// When the last name goes, so does the index entry.
+    fn adjust_nlink(&self, ino: u64, delta: i64) -> SysResult<()> {
+        let (Some(index), Some(current)) = (&self.index, lock(&self.table).get(ino)?.nlink) else {
+            return Ok(());
+        };
+        let count = current.saturating_add_signed(delta);
+        if count == 0 {
+            let _ = sys::unlinkat(index.as_fd(), &index_name(ino), false);
+        } else {
+            XattrTarget::new(index.as_fd(), &index_name(ino))?.set(
+                &self.namespace().strata("nlink"),
+                &count.to_le_bytes(),
+                0,
+            )?;
+        }
+        lock(&self.table).get_mut(ino)?.nlink = Some(count);
         Ok(())
     }
 
@@ -778,9 +1002,9 @@ impl UnionFs {
 
         self.copy_up(parent, false)?;
         self.copy_up(new_parent, false)?;
-        self.prepare_for_move(ino)?;
+        self.prepare_for_move(ino, parent, name)?;
         if exchange && let Some(target) = target {
-            self.prepare_for_move(target)?;
+            self.prepare_for_move(target, new_parent, new_name)?;
         }
         let old_dir = self.upper_dir(parent)?;
         let new_dir = self.upper_dir(new_parent)?;
@@ -822,11 +1046,19 @@ impl UnionFs {
             Ok(()) if leave_whiteout && rename_flags == 0 => self.whiteout(old_dir.as_fd(), name)?,
             Ok(()) => {}
         }
-        let mut table = lock(&self.table);
-        if let Some(target) = target {
-            table.remove_name(target, new_parent, &new_name.to_owned());
+        if leave_whiteout {
+            self.note_whiteout(parent, name);
         }
-        table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+        {
+            let mut table = lock(&self.table);
+            if let Some(target) = target {
+                table.remove_name(target, new_parent, &new_name.to_owned());
+            }
+            table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+        }
+        if let Some(target) = target {
+            self.adjust_nlink(target, -1)?;
+        }
         Ok(())
     }
 
@@ -846,8 +1078,18 @@ impl UnionFs {
     /// Copy a node up before it moves. A directory with lower content gets
     /// a redirect to where that content lives (the kernel's redirect_dir),
     /// so it keeps its lower entries under the new name.
-    fn prepare_for_move(&self, ino: u64) -> SysResult<()> {
+    fn prepare_for_move(&self, ino: u64, parent: u64, name: &OsStr) -> SysResult<()> {
         self.copy_up(ino, false)?;
+        let indexed = lock(&self.table).get(ino)?.indexed;
+        if indexed {
+            // This name of a copied-up hard link may still be only in a
+            // lower layer: link it from the index so it can move.
+            let dir = self.upper_dir(parent)?;
+            if !sys::exists_at(dir.as_fd(), name)? {
+                let index = self.index.as_ref().ok_or(Errno::EROFS)?;
+                self.link_into_place(index.as_fd(), &index_name(ino), dir.as_fd(), name)?;
+            }
+        }
         let (is_dir, lower_path) = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
@@ -860,6 +1102,11 @@ impl UnionFs {
             redirect.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(lower_path.as_os_str()));
             let name = path.file_name().ok_or(Errno::EINVAL)?;
             XattrTarget::new(parent.as_fd(), name)?.set(&self.stack.namespace.overlay("redirect"), &redirect, 0)?;
+            Monitor::count(&self.monitor.redirects, 1);
+            self.monitor.emit(|| Event::Redirect {
+                path: self.shown_path(ino),
+                target: String::from_utf8_lossy(&redirect).into_owned(),
+            });
         }
         Ok(())
     }
@@ -876,20 +1123,35 @@ impl UnionFs {
             let path = self.upper_path(ino)?;
             let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
             self.mark_opaque(parent.as_fd(), path.file_name().ok_or(Errno::EINVAL)?)?;
+            Monitor::count(&self.monitor.opaque_dirs, 1);
+            self.monitor.emit(|| Event::Opaque { path: self.shown_path(ino) });
         }
         Ok(())
     }
 
     // ----- files ----------------------------------------------------------
 
-    fn add_file(&self, file: File) -> u64 {
+    fn add_file(&self, ino: u64, file: File, on_lower: bool) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(handle, Arc::new(OpenFile { file }));
+        let open = OpenFile { ino, on_lower: AtomicBool::new(on_lower), file: Mutex::new(Arc::new(file)) };
+        lock(&self.files).insert(handle, Arc::new(open));
         handle
     }
 
-    fn file(&self, handle: u64) -> SysResult<Arc<OpenFile>> {
-        lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)
+    /// The file behind a handle, moved to the upper copy if one was made
+    /// since the handle was opened on a lower copy.
+    fn file(&self, handle: u64) -> SysResult<Arc<File>> {
+        let open = lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)?;
+        if open.on_lower.load(Ordering::Relaxed) {
+            let moved = lock(&self.table).get(open.ino).map(|n| n.in_upper || n.indexed).unwrap_or(false);
+            if moved {
+                let location = self.location(open.ino)?;
+                let upper = self.open_location(&location, libc::O_RDONLY)?;
+                *lock(&open.file) = Arc::new(upper);
+                open.on_lower.store(false, Ordering::Relaxed);
+            }
+        }
+        Ok(lock(&open.file).clone())
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> SysResult<u64> {
@@ -913,7 +1175,8 @@ impl UnionFs {
             }
             other => other?,
         };
-        Ok(self.add_file(file))
+        let on_lower = matches!(&location, Location::Layer(source) if !self.stack.is_upper(source.layer));
+        Ok(self.add_file(ino, file, on_lower))
     }
 
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
@@ -921,7 +1184,7 @@ impl UnionFs {
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {
-            let got = sys::pread(file.file.as_fd(), &mut buf[filled..], offset + filled as u64)?;
+            let got = sys::pread(file.as_fd(), &mut buf[filled..], offset + filled as u64)?;
             if got == 0 {
                 break;
             }
@@ -933,7 +1196,7 @@ impl UnionFs {
 
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let file = self.file(handle)?;
-        sys::pwrite(file.file.as_fd(), data, offset)
+        sys::pwrite(file.as_fd(), data, offset)
     }
 
     pub fn release(&self, handle: u64) {
@@ -944,26 +1207,32 @@ impl UnionFs {
         if !self.options.fsync {
             return Ok(());
         }
-        sys::fsync(self.file(handle)?.file.as_fd(), data_only)
+        sys::fsync(self.file(handle)?.as_fd(), data_only)
     }
 
     pub fn fallocate(&self, handle: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
-        sys::fallocate(self.file(handle)?.file.as_fd(), mode, offset, len)
+        sys::fallocate(self.file(handle)?.as_fd(), mode, offset, len)
     }
 
     pub fn lseek(&self, handle: u64, offset: i64, whence: i32) -> SysResult<i64> {
-        sys::lseek(self.file(handle)?.file.as_fd(), offset, whence)
+        sys::lseek(self.file(handle)?.as_fd(), offset, whence)
     }
 
     // ----- directories ----------------------------------------------------
 
     /// Snapshot the merged listing; readdir offsets index into it.
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
+        if !lock(&self.table).get(ino)?.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(handle, Arc::new(OpenDir { ino, items: std::sync::OnceLock::new() }));
+        Ok(handle)
+    }
+
+    fn list_dir(&self, ino: u64) -> SysResult<Vec<DirItem>> {
         let sources = self.dir_sources(ino)?;
-        let parent = {
-            let table = lock(&self.table);
-            table.get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT)
-        };
+        let parent = lock(&self.table).get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT);
         let mut items = vec![
             DirItem { ino, kind: libc::DT_DIR, name: ".".into() },
             DirItem { ino: parent, kind: libc::DT_DIR, name: "..".into() },
@@ -971,15 +1240,69 @@ impl UnionFs {
         for entry in self.stack.list(&sources)? {
             items.push(DirItem { ino: entry.ino, kind: entry.kind, name: entry.name });
         }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(handle, Arc::new(OpenDir { items }));
-        Ok(handle)
+        Ok(items)
     }
 
-    /// Entries from `offset` on (offset N means "after the Nth entry").
-    pub fn readdir(&self, handle: u64, offset: u64) -> SysResult<Vec<DirItem>> {
+    /// Hand the entries from `offset` on (offset N means "after the Nth
+    /// entry") to `add`, with the offset of the next one, until it says the
+    /// reply is full.
+    pub fn readdir(&self, handle: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
         let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
-        Ok(dir.items.iter().skip(offset as usize).cloned().collect())
+        let items = match dir.items.get() {
+            Some(items) => items,
+            None => {
+                let listed = self.list_dir(dir.ino)?;
+                dir.items.get_or_init(|| listed)
+            }
+        };
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            if add(i as u64 + 1, item) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like `readdir`, with each entry looked up: `add` gets its attributes
+    /// too. Every entry the reply takes counts as a lookup of it, as the
+    /// kernel counts it (except "." and "..").
+    pub fn readdirplus(
+        &self,
+        handle: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &DirItem, &Entry) -> bool,
+    ) -> SysResult<()> {
+        let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
+        let items = match dir.items.get() {
+            Some(items) => items,
+            None => {
+                let listed = self.list_dir(dir.ino)?;
+                dir.items.get_or_init(|| listed)
+            }
+        };
+        let mut own: Option<Entry> = None;
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
+            if item.name == "." || item.name == ".." {
+                let entry = match own {
+                    Some(entry) => entry,
+                    None => *own.insert(Entry { ino: dir.ino, stat: self.getattr(dir.ino, None)? }),
+                };
+                if add(next, item, &entry) {
+                    break;
+                }
+                continue;
+            }
+            let Some(resolved) = self.resolve(dir.ino, &item.name)? else { continue };
+            let layer = resolved.top.layer;
+            let entry = self.remember(dir.ino, &item.name, resolved);
+            if add(next, item, &entry) {
+                self.forget(entry.ino, 1); // it did not fit: not handed out
+                break;
+            }
+            self.note_served(dir.ino, &item.name, layer);
+        }
+        Ok(())
     }
 
     pub fn releasedir(&self, handle: u64) {
@@ -1018,15 +1341,32 @@ impl UnionFs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> SysResult<Vec<u8>> {
-        if layers::is_private_xattr(name) {
+        if layers::is_private_xattr(name) || lock(&self.table).get(ino)?.no_xattrs {
             return Err(Errno::ENODATA);
         }
-        self.with_xattrs(ino, |x| x.get(name))
+        match self.with_xattrs(ino, |x| x.get(name)) {
+            // Most files have no xattrs at all: learn that once.
+            Err(Errno::ENODATA) => {
+                self.listxattr(ino)?;
+                Err(Errno::ENODATA)
+            }
+            other => other,
+        }
     }
 
     pub fn listxattr(&self, ino: u64) -> SysResult<Vec<OsString>> {
-        let names = self.with_xattrs(ino, |x| x.list())?;
-        Ok(names.into_iter().filter(|n| !layers::is_private_xattr(n)).collect())
+        let names: Vec<OsString> =
+            self.with_xattrs(ino, |x| x.list())?.into_iter().filter(|n| !layers::is_private_xattr(n)).collect();
+        if names.is_empty() {
+            lock(&self.table).get_mut(ino)?.no_xattrs = true;
+        }
+        Ok(names)
+    }
+
+    fn xattrs_changed(&self, ino: u64) {
+        if let Ok(node) = lock(&self.table).get_mut(ino) {
+            node.no_xattrs = false;
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
@@ -1035,6 +1375,7 @@ impl UnionFs {
             return Err(Errno::EPERM);
         }
         self.copy_up(ino, false)?;
+        self.xattrs_changed(ino);
         self.with_xattrs(ino, |x| x.set(name, value, flags))
     }
 
@@ -1072,6 +1413,17 @@ enum Location {
     Layer(Source),
     /// In the hard-link index of the work directory.
     Index(u64),
+}
+
+fn kind_name(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "directory",
+        libc::S_IFLNK => "symlink",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFCHR | libc::S_IFBLK => "device",
+        _ => "file",
+    }
 }
 
 fn index_name(ino: u64) -> OsString {

@@ -384,3 +384,112 @@ fn foreground_flag_stays_until_unmounted() {
     assert!(exited, "strata -f must exit after the unmount");
     assert!(status.success(), "strata -f must exit 0 after a clean unmount, got {status:?}");
 }
+
+#[test]
+fn sigint_unmounts() {
+    let l = Layers::new(1);
+    let m = StrataMount::mount(&l);
+    let pids = m.daemon_pids();
+    assert_eq!(pids.len(), 1, "daemon pids: {pids:?}");
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pids[0], libc::SIGINT) };
+    assert!(wait_for(Duration::from_secs(10), || !is_mounted(&m.mnt)), "SIGINT must unmount");
+    assert!(wait_for(Duration::from_secs(5), || daemon_pids(&m.mnt).is_empty()), "daemon must exit on SIGINT");
+}
+
+// ---------------------------------------------------------------------------
+// More input forms
+// ---------------------------------------------------------------------------
+
+#[test]
+fn upper_equal_to_lower_is_rejected() {
+    let l = Layers::new(1);
+    let args = mount_args(&[&l.lower(0).path], Some(&l.lower(0).path), Some(&l.work), &l.mnt);
+    expect_failure(&args, &l.mnt, &[&s(&l.lower(0).path)]);
+}
+
+#[test]
+fn work_equal_to_upper_is_rejected() {
+    let l = Layers::new(1);
+    let args = mount_args(&[&l.lower(0).path], Some(&l.upper.path), Some(&l.upper.path), &l.mnt);
+    expect_failure(&args, &l.mnt, &[&s(&l.upper.path)]);
+}
+
+#[test]
+fn relative_paths_are_resolved() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "rel");
+    let o = run(
+        Command::new(strata_bin())
+            .current_dir(l.root())
+            .args(["mount", "--lower", "lower0", "--upper", "./upper", "--work", "work", "mnt"]),
+        Duration::from_secs(30),
+    );
+    let m = StrataMount::adopt(&l.mnt);
+    assert!(o.success(), "mount with relative paths: {o:?}");
+    assert!(is_mounted(&l.mnt), "not mounted at the absolute path of `mnt`");
+    assert_eq!(read_string(&m.p("f")), "rel");
+    fs::write(m.p("g"), "w").unwrap();
+    assert!(l.upper.p("g").is_file(), "the relative upper must be used after the daemon detaches");
+    let o = run(Command::new(strata_bin()).current_dir(l.root()).args(["umount", "mnt"]), Duration::from_secs(30));
+    assert!(o.success(), "strata umount with a relative path: {o:?}");
+    assert!(!is_mounted(&l.mnt));
+}
+
+#[test]
+fn paths_with_spaces() {
+    let l = Layers::new(0);
+    let lower = Layer::new(l.root().join("my lower"));
+    lower.file("a file", "spaced");
+    let upper = l.root().join("my upper");
+    let work = l.root().join("my work");
+    let mnt = l.root().join("mount point");
+    for d in [&upper, &work, &mnt] {
+        fs::create_dir(d).unwrap();
+    }
+    let m = StrataMount::from_args(&mount_args(&[&lower.path], Some(&upper), Some(&work), &mnt), &mnt);
+    assert_eq!(read_string(&m.p("a file")), "spaced");
+    fs::write(m.p("new file"), "n").unwrap();
+    assert!(upper.join("new file").is_file());
+    m.umount();
+    assert!(wait_for(Duration::from_secs(2), || daemon_pids(&mnt).is_empty()));
+}
+
+#[test]
+fn ro_option_makes_the_mount_read_only() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "x");
+    let opts = format!("{},ro", l.overlay_opts());
+    let m = StrataMount::from_args(&["-o".to_string(), opts, s(&l.mnt)], &l.mnt);
+    assert_eq!(read_string(&m.p("f")), "x");
+    let r = fs::write(m.p("new"), "n");
+    assert_eq!(r.as_ref().err().and_then(|e| e.raw_os_error()), Some(libc::EROFS), "create on a ro mount: {r:?}");
+    assert!(absent(&l.upper.p("new")));
+}
+
+#[test]
+fn lowerdir_only_option_is_read_only() {
+    let l = Layers::new(2);
+    l.lower(0).file("f", "top");
+    l.lower(1).file("f", "bottom").file("g", "g");
+    let opts = format!("lowerdir={}:{}", s(&l.lower(0).path), s(&l.lower(1).path));
+    let m = StrataMount::mount_opts(&opts, &l.mnt);
+    assert_eq!(read_string(&m.p("f")), "top");
+    assert_eq!(ls(&m.p("")), ["f", "g"]);
+    let r = fs::write(m.p("new"), "n");
+    assert_eq!(r.as_ref().err().and_then(|e| e.raw_os_error()), Some(libc::EROFS), "create without an upper: {r:?}");
+}
+
+#[test]
+fn quirk_squash_options() {
+    check_quirk(",squash_to_uid=0,squash_to_gid=0");
+}
+
+#[test]
+fn umount_of_something_not_mounted_fails_cleanly() {
+    let l = Layers::new(0);
+    let o = strata([std::ffi::OsStr::new("umount"), l.mnt.as_os_str()]);
+    assert!(!o.success(), "strata umount of a plain directory must fail");
+    assert!(o.stderr.contains(&s(&l.mnt)), "stderr must name the path: {}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+}

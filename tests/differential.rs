@@ -84,39 +84,40 @@ fn operations(root: &Path) {
     fs::write(p("var/lib/db/nested"), "now a file").unwrap();
 }
 
-#[test]
-fn same_tree_as_kernel_overlayfs_and_kernel_reads_strata_upper() {
+/// Runs `ops` on the kernel's overlayfs and on Strata over identical layers
+/// from `build`; compares the merged trees, then mounts Strata's upper under
+/// the kernel and compares again.
+fn differential(build: fn() -> Layers, ops: fn(&Path)) {
     // Kernel side.
-    let k = build_layers();
+    let k = build();
     let kernel_snapshot = {
         let km = KernelOverlay::mount_layers(&k);
-        operations(&km.mnt);
+        ops(&km.mnt);
         let snap = tree_snapshot(&km.mnt);
         km.umount();
         snap
     };
-    // Sanity: the operations did something visible.
-    assert!(kernel_snapshot.contains_key(Path::new("moved/deep/added")));
-    assert!(!kernel_snapshot.contains_key(Path::new("old/x")));
 
     // Strata side.
-    let s = build_layers();
-    let before = tree_snapshot(&s.lower(1).path);
+    let s = build();
+    let lowers_before: Vec<_> = s.lowers.iter().map(|l| tree_snapshot(&l.path)).collect();
     let strata_snapshot = {
         let sm = StrataMount::mount(&s);
         let initial = tree_snapshot(&sm.mnt);
         // The untouched merged trees agree too (reads only).
-        let k2 = build_layers();
+        let k2 = build();
         let km2 = KernelOverlay::mount_layers(&k2);
         assert_same_tree("kernel (fresh)", &tree_snapshot(&km2.mnt), "strata (fresh)", &initial);
         drop(km2);
-        operations(&sm.mnt);
+        ops(&sm.mnt);
         let snap = tree_snapshot(&sm.mnt);
         sm.umount();
         snap
     };
     assert_same_tree("kernel", &kernel_snapshot, "strata", &strata_snapshot);
-    assert_same_tree("lower before", &before, "lower after", &tree_snapshot(&s.lower(1).path));
+    for (l, before) in s.lowers.iter().zip(&lowers_before) {
+        assert_same_tree("lower before", before, "lower after", &tree_snapshot(&l.path));
+    }
 
     // The kernel mounts Strata's upper (fresh work dir on the same filesystem).
     let kwork = s.root().join("kernel-work");
@@ -127,22 +128,113 @@ fn same_tree_as_kernel_overlayfs_and_kernel_reads_strata_upper() {
     assert_same_tree("strata merged", &strata_snapshot, "kernel on strata's upper", &snap);
 }
 
-#[test]
-fn kernel_written_upper_reads_the_same_in_strata() {
-    // The other direction: an upper written by the kernel (with redirects,
-    // opaque dirs and whiteouts) reads the same through Strata.
-    let k = build_layers();
+/// The other direction: an upper written by the kernel (redirects, opaque
+/// dirs, whiteouts) reads the same through Strata.
+fn reverse_differential(build: fn() -> Layers, ops: fn(&Path)) {
+    let k = build();
     let kernel_snapshot = {
         let km = KernelOverlay::mount_layers(&k);
-        operations(&km.mnt);
+        ops(&km.mnt);
         let snap = tree_snapshot(&km.mnt);
         km.umount();
         snap
     };
-    // Fresh work dir for Strata.
     fs::remove_dir_all(&k.work).unwrap();
     fs::create_dir(&k.work).unwrap();
     let sm = StrataMount::mount(&k);
     let snap = tree_snapshot(&sm.mnt);
     assert_same_tree("kernel", &kernel_snapshot, "strata on the kernel's upper", &snap);
+}
+
+#[test]
+fn same_tree_as_kernel_overlayfs_and_kernel_reads_strata_upper() {
+    differential(build_layers, operations);
+}
+
+#[test]
+fn kernel_written_upper_reads_the_same_in_strata() {
+    reverse_differential(build_layers, operations);
+}
+
+/// Layers for nested directory renames.
+fn build_rename_layers() -> Layers {
+    let l = Layers::new(2);
+    l.lower(1)
+        .file("a/b/c/file1", "1")
+        .file("a/b/c/keep", "k")
+        .file("a/b/file2", "2")
+        .file("a/other", "o")
+        .file("x/y/file3", "3")
+        .dir("z")
+        .file("m/n/o/p", "deep");
+    l.lower(0).file("a/b/mid", "mid").file("x/y/mid3", "m3").file("q/r", "r");
+    l
+}
+
+fn rename_operations(root: &Path) {
+    let p = |r: &str| root.join(r);
+    fs::rename(p("a/b"), p("z/b2")).unwrap(); // across parents
+    fs::rename(p("a"), p("a2")).unwrap(); // same parent
+    fs::rename(p("z"), p("z2")).unwrap(); // a dir holding a renamed dir
+    fs::rename(p("z2/b2/c"), p("x/y/c3")).unwrap(); // out of a renamed dir
+    fs::write(p("x/y/c3/added"), "added").unwrap();
+    fs::remove_file(p("x/y/c3/file1")).unwrap();
+    fs::rename(p("x"), p("a")).unwrap(); // onto the whiteout of a renamed dir
+    fs::create_dir(p("a2/new")).unwrap();
+    fs::rename(p("q"), p("a2/new/q-moved")).unwrap(); // into a new dir
+    fs::rename(p("m/n"), p("m/n2")).unwrap();
+    fs::rename(p("m/n2"), p("m/n")).unwrap(); // and back
+    fs::rename(p("a2/other"), p("z2/b2/other")).unwrap();
+    fs::remove_dir_all(p("m/n/o")).unwrap();
+    append(&p("a/y/c3/keep"), b"+").unwrap();
+}
+
+#[test]
+fn nested_directory_renames_match_kernel() {
+    differential(build_rename_layers, rename_operations);
+}
+
+#[test]
+fn nested_directory_renames_by_kernel_read_the_same_in_strata() {
+    reverse_differential(build_rename_layers, rename_operations);
+}
+
+/// An upper the kernel wrote (redirects, opaque dirs, whiteouts) used as a
+/// middle *lower* layer: Strata must follow its redirects like the kernel.
+fn upper_as_lower(build: fn() -> Layers, ops: fn(&Path)) {
+    let k = build();
+    {
+        let km = KernelOverlay::mount_layers(&k);
+        ops(&km.mnt);
+        km.umount();
+    }
+    let mut lowers = vec![k.upper.path.clone()];
+    lowers.extend(k.lower_paths());
+    let kernel_snapshot = {
+        let km = KernelOverlay::mount(&lowers, None, "redirect_dir=on", &k.mnt);
+        tree_snapshot(&km.mnt)
+    };
+    let top = k.root().join("new-upper");
+    let work = k.root().join("new-work");
+    fs::create_dir(&top).unwrap();
+    fs::create_dir(&work).unwrap();
+    let mut args = vec!["mount".to_string()];
+    for l in &lowers {
+        args.push("--lower".into());
+        args.push(l.display().to_string());
+    }
+    args.extend(["--upper".into(), top.display().to_string(), "--work".into(), work.display().to_string()]);
+    args.push(k.mnt.display().to_string());
+    let sm = StrataMount::from_args(&args, &k.mnt);
+    assert_same_tree("kernel", &kernel_snapshot, "strata with the kernel's upper as a lower", &tree_snapshot(&sm.mnt));
+}
+
+#[test]
+fn kernel_upper_as_a_lower_layer_reads_the_same() {
+    upper_as_lower(build_layers, operations);
+}
+
+#[test]
+fn renamed_dirs_in_a_lower_layer_read_the_same() {
+    upper_as_lower(build_rename_layers, rename_operations);
 }

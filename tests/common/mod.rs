@@ -10,7 +10,8 @@
 //!   compare Strata with the kernel.
 //!
 //! Tests run as root (they mount). `STRATA_TEST_BIN` may point at another
-//! binary with the same command line (used to check the tests themselves).
+//! binary with the same command line, e.g. `tests/support/kernel-strata.sh`
+//! (the kernel's overlayfs) to check the tests themselves against the reference.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
