@@ -109,7 +109,10 @@ impl Default for MountConfig {
             static_nlink: false,
             allow_other: false,
             read_only: false,
-            suid: false,
+            // As fuse-overlayfs run by root: setuid programs of an image
+            // keep working in its containers (containers-storage passes
+            // neither `suid` nor `nosuid`), device nodes do not.
+            suid: crate::sys::geteuid() == 0,
             dev: false,
             exec: true,
             timeout: Duration::from_secs(3600),
@@ -201,8 +204,6 @@ const HARMLESS: &[&str] = &[
     "defaults",
     "sync",
     "dirsync",
-    "nosuid",
-    "nodev",
 ];
 
 /// Accepted for compatibility, but Strata does not act on them yet.
@@ -255,7 +256,9 @@ impl MountConfig {
             "allow_other" | "allow_root" => self.allow_other = true,
             "ro" => self.read_only = true,
             "suid" => self.suid = true,
+            "nosuid" => self.suid = false,
             "dev" => self.dev = true,
+            "nodev" => self.dev = false,
             "exec" => self.exec = true,
             "noexec" => self.exec = false,
             "debug" => {

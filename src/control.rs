@@ -16,11 +16,18 @@ use std::sync::atomic::Ordering;
 use crate::trace::{Format, human_bytes};
 use crate::unionfs::UnionFs;
 
-/// Listen on `path` in a background thread for the life of the process.
-pub fn serve(fs: Arc<UnionFs>, path: &Path, mountpoint: &Path) -> std::io::Result<()> {
+/// Make the socket at `path` (owner-only). It is bound before the daemon
+/// detaches, so it exists as soon as `strata mount` returns.
+pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answer requests on `listener` in a background thread for the life of
+/// the process.
+pub fn serve(fs: Arc<UnionFs>, listener: UnixListener, mountpoint: &Path) {
     let mountpoint = mountpoint.to_owned();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -33,7 +40,6 @@ pub fn serve(fs: Arc<UnionFs>, path: &Path, mountpoint: &Path) -> std::io::Resul
             });
         }
     });
-    Ok(())
 }
 
 fn answer(fs: &UnionFs, stream: UnixStream, mountpoint: &Path) -> std::io::Result<()> {

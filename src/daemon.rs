@@ -67,26 +67,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     let mut session = Session::new(adapter, &config.mountpoint, &fuse_config)
         .map_err(|err| format!("cannot mount {}: {err}", config.mountpoint.display()))?;
 
-    if !config.foreground {
-        // The mount is live: the kernel queues requests until the child
-        // reads them. The parent leaves without unmounting (no destructors).
-        match sys::fork() {
-            Ok(0) => {
-                sys::setsid();
-                sys::detach_stdio();
-            }
-            Ok(_) => unsafe_exit_success(),
-            Err(err) => return Err(format!("cannot fork the daemon: {err}")),
-        }
-    }
-
-    let record = write_record(&config);
-    let socket = runtime_path(&config.mountpoint, "sock");
-    if let Some(socket) = &socket
-        && let Err(err) = crate::control::serve(fs.clone(), socket, &config.mountpoint)
-    {
-        log::warn!("no control socket ({}): {err}", socket.display());
-    }
+    // What a caller may use as soon as `strata mount` returns (the trace
+    // file, the control socket, the mount record) is made before the
+    // parent leaves, and a failure still reaches the caller's terminal.
     if let Some(trace) = &config.trace {
         let sink: Box<dyn std::io::Write + Send> = match &trace.file {
             Some(path) => Box::new(
@@ -99,6 +82,35 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             None => Box::new(std::io::stderr()),
         };
         fs.monitor.subscribe(sink, trace.format, trace.lookups);
+    }
+    let socket = runtime_path(&config.mountpoint, "sock");
+    let listener = socket.as_ref().and_then(|path| match crate::control::listen(path) {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            log::warn!("no control socket ({}): {err}", path.display());
+            None
+        }
+    });
+    if config.foreground {
+        write_record(&config, std::process::id() as i32);
+    } else {
+        // The mount is live: the kernel queues requests until the child
+        // reads them. The parent leaves without unmounting (no destructors).
+        match sys::fork() {
+            Ok(0) => {
+                sys::setsid();
+                sys::detach_stdio();
+            }
+            Ok(child) => {
+                write_record(&config, child);
+                unsafe_exit_success()
+            }
+            Err(err) => return Err(format!("cannot fork the daemon: {err}")),
+        }
+    }
+    let record = record_path(&config.mountpoint);
+    if let Some(listener) = listener {
+        crate::control::serve(fs.clone(), listener, &config.mountpoint);
     }
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
@@ -244,14 +256,10 @@ impl MountRecord {
     }
 }
 
-fn write_record(config: &MountConfig) -> Option<PathBuf> {
+fn write_record(config: &MountConfig, pid: i32) -> Option<PathBuf> {
     let path = record_path(&config.mountpoint)?;
-    let record = MountRecord {
-        pid: std::process::id() as i32,
-        upper: config.upper.clone(),
-        work: config.work.clone(),
-        lowers: config.lowers.clone(),
-    };
+    let record =
+        MountRecord { pid, upper: config.upper.clone(), work: config.work.clone(), lowers: config.lowers.clone() };
     std::fs::create_dir_all(path.parent()?).ok()?;
     std::fs::write(&path, record.to_text()).ok()?;
     Some(path)

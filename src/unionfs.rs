@@ -881,16 +881,10 @@ impl UnionFs {
         if is_dir && !self.stack.list(&self.dir_sources(ino)?)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
-        let lower_hard_link = {
-            let table = lock(&self.table);
-            let node = table.get(ino)?;
-            node.kind == libc::S_IFREG && !node.in_upper && !node.indexed && node.lower_nlink > 1
-        };
-        if lower_hard_link {
-            // Its other names must show one link less: copy it up so the
-            // count has a place to live.
-            self.copy_up(ino, false)?;
-        }
+        // A lower hard link that was never copied up is not copied up just
+        // to count its names: layer stores often link files across layers,
+        // and rm -rf would copy every file. Its other names keep showing
+        // the lower count, as with the kernel's default index=off.
         self.copy_up(parent, false)?;
         let upper_parent = self.upper_dir(parent)?;
         // An entry not in the upper comes from a lower layer; one in the

@@ -650,3 +650,188 @@ fn kernel_upper_nested_renames() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------
+// Random operations: diff against the two-tree comparison, commit round trip.
+// ---------------------------------------------------------------------------
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// Every path of the mounted tree (relative), directories flagged.
+fn all_paths(root: &Path) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> = fs::read_dir(root.join(&rel)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        for name in names {
+            let child = rel.join(name);
+            let is_dir = fs::symlink_metadata(root.join(&child)).map(|m| m.is_dir()).unwrap_or(false);
+            if is_dir {
+                stack.push(child.clone());
+            }
+            out.push((child, is_dir));
+        }
+    }
+    out
+}
+
+/// Whether writing to `p` (following a symlink) cannot block: it is a
+/// regular file or nothing at all (a fifo would wait for a reader).
+fn writable(p: &Path) -> bool {
+    match fs::metadata(p) {
+        Ok(md) => md.is_file(),
+        Err(_) => true,
+    }
+}
+
+/// One random operation in the mount; failures (EEXIST, ENOTEMPTY, EINVAL
+/// for a directory moved into itself...) are part of the game and ignored.
+fn random_operation(m: &Path, rng: &mut Rng, counter: &mut u32) {
+    let paths = all_paths(m);
+    let dirs: Vec<PathBuf> =
+        std::iter::once(PathBuf::new()).chain(paths.iter().filter(|p| p.1).map(|p| p.0.clone())).collect();
+    let any: Vec<PathBuf> = paths.iter().map(|p| p.0.clone()).collect();
+    *counter += 1;
+    let fresh = format!("n{counter}");
+    let names = ["a", "old1", "sub", "y", "x", "gone", &fresh];
+    match rng.below(12) {
+        0 => {
+            let p = m.join(rng.pick(&dirs)).join(rng.pick(&names));
+            if writable(&p) {
+                let _ = fs::write(p, format!("data {counter}"));
+            }
+        }
+        1 if !any.is_empty() => {
+            let p = m.join(rng.pick(&any));
+            if writable(&p) {
+                let _ = append(&p, b"+");
+            }
+        }
+        2 if !any.is_empty() => {
+            let p = m.join(rng.pick(&any));
+            if !fs::symlink_metadata(&p).map(|md| md.file_type().is_symlink()).unwrap_or(true) {
+                let _ = fs::set_permissions(&p, fs::Permissions::from_mode(*rng.pick(&[0o700, 0o755, 0o640, 0o4755])));
+            }
+        }
+        3 if !any.is_empty() => {
+            let _ = lchown(&m.join(rng.pick(&any)), 1000 + rng.below(2) as u32, 1000);
+        }
+        4 if !any.is_empty() => {
+            let p = m.join(rng.pick(&any));
+            let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        }
+        5 => {
+            let _ = fs::create_dir(m.join(rng.pick(&dirs)).join(rng.pick(&names)));
+        }
+        6 | 7 if !any.is_empty() => {
+            let from = m.join(rng.pick(&any));
+            let to = m.join(rng.pick(&dirs)).join(rng.pick(&names));
+            let _ = fs::rename(from, to);
+        }
+        8 => {
+            let _ = symlink(rng.pick(&names), m.join(rng.pick(&dirs)).join(rng.pick(&names)));
+        }
+        9 if !any.is_empty() => {
+            let from = m.join(rng.pick(&any));
+            if fs::symlink_metadata(&from).map(|md| md.is_file()).unwrap_or(false) {
+                let _ = fs::hard_link(from, m.join(rng.pick(&dirs)).join(&fresh));
+            }
+        }
+        10 if !any.is_empty() => {
+            let p = m.join(rng.pick(&any));
+            let _ = set_times(&p, (T0 + 5, 0), (T0 + rng.below(2) as i64, 0));
+        }
+        _ => {
+            let _ = mkfifo(&m.join(rng.pick(&dirs)).join(&fresh), 0o644);
+        }
+    }
+}
+
+#[test]
+fn random_operations() {
+    // STRATA_RANDOM_SEEDS=N runs more.
+    let seeds: u64 = std::env::var("STRATA_RANDOM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
+    for seed in 1..=seeds {
+        let l = Layers::new(2);
+        base_image(&l);
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let (merged, expected) = {
+            let _one_at_a_time = mount_lock();
+            let m = StrataMount::mount(&l);
+            let mut counter = 0;
+            for _ in 0..(5 + rng.below(40)) {
+                random_operation(&m.mnt, &mut rng, &mut counter);
+            }
+            let merged = tree_snapshot(&m.mnt);
+            let image = mount_image(&l);
+            let expected = two_tree_diff(&image.mnt, &m.mnt);
+            image.umount();
+            m.umount();
+            (merged, expected)
+        };
+        assert_eq!(diff_output(&offline_args(&l)), expected, "seed {seed}: offline diff");
+        let out = l.root().join("layer.tar");
+        commit(&offline_args(&l), &out, &[]);
+        let applied = l.root().join("applied");
+        fs::create_dir(&applied).unwrap();
+        flatten_image(&l, &applied);
+        apply_layer(&applied, &fs::read(&out).unwrap());
+        let mut got = tree_snapshot(&applied);
+        let mut want = merged;
+        got.remove(Path::new(""));
+        want.remove(Path::new(""));
+        assert_same_tree(&format!("seed {seed}: the mount"), &want, "image + layer", &got);
+    }
+}
+
+#[test]
+fn output_to_stdout_and_clear_errors() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "a");
+    l.upper.file("b", "b");
+    let mut args = vec!["commit".to_string()];
+    args.extend(offline_args(&l));
+    args.extend(["--output".to_string(), "-".to_string()]);
+    let o = run(Command::new(strata_bin()).args(&args), Duration::from_secs(30));
+    assert!(o.success(), "{o:?}");
+    // The report goes to standard error when the layer goes to standard output.
+    assert!(o.stderr.contains("diff_id sha256:"), "{}", o.stderr);
+    let file = l.root().join("b.tar");
+    commit(&offline_args(&l), &file, &[]);
+    assert_eq!(o.stdout.as_bytes(), fs::read(&file).unwrap().as_slice());
+
+    let fail = |args: &[String], needle: &str| {
+        let mut full = vec!["commit".to_string()];
+        full.extend(args.iter().cloned());
+        let o = strata(&full);
+        assert!(!o.success(), "strata {full:?} must fail");
+        assert!(o.stderr.contains(needle), "strata {full:?}: {:?} must mention {needle:?}", o.stderr);
+    };
+    fail(&offline_args(&l), "--output");
+    let mut bad = offline_args(&l);
+    bad.extend(["--output".to_string(), s(&file), "--reproducible=soon".to_string()]);
+    fail(&bad, "not a number");
+    let _one_at_a_time = mount_lock();
+    let ro = StrataMount::mount_ro(&l);
+    fail(&[s(&ro.mnt), "--output".to_string(), s(&file)], "read-only");
+    ro.umount();
+}
