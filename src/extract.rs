@@ -12,7 +12,8 @@
 //! - a hard link must point at a member already extracted from this same
 //!   layer (never at something outside it, nor at a directory).
 //! - whiteouts stay in the OCI form (`.wh.NAME`, `.wh..wh..opq`), which the
-//!   mount reads; a whiteout whose target is empty, `.` or `..` is an error.
+//!   mount reads; a whiteout whose target is empty, `.` or `..` is an error;
+//!   a kernel-form whiteout member (char 0/0) is stored in the OCI form too.
 //! - a later member replaces an earlier one of the same name (a directory
 //!   over a directory only updates its metadata).
 //! - device nodes only when the kernel lets us make them (warned and
@@ -30,7 +31,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::layers::{OPAQUE_MARKER, WHITEOUT_PREFIX, is_private_xattr};
@@ -78,6 +79,9 @@ pub struct ExtractStats {
     pub warnings: Vec<String>,
 }
 
+/// The longest file name.
+const NAME_MAX: usize = 255;
+
 /// Metadata applied to a directory once everything inside it is in place.
 struct DirMeta {
     mode: u32,
@@ -101,6 +105,8 @@ struct Extractor<'a> {
     buffer: Vec<u8>,
     /// The parent directory of the last member, still open.
     last_parent: Option<(PathBuf, OwnedFd)>,
+    /// Paths whose char 0/0 member became a `.wh.` file.
+    converted: HashSet<PathBuf>,
 }
 
 /// Extract every member read from `reader` into the directory `root`, which
@@ -117,6 +123,7 @@ pub fn extract<R: Read>(reader: &mut TarReader<R>, root: BorrowedFd<'_>) -> Resu
         warned_xattrs: false,
         buffer: vec![0; 1 << 18],
         last_parent: None,
+        converted: HashSet::new(),
     };
     while let Some(header) = reader.next()? {
         let member = String::from_utf8_lossy(&header.name).into_owned();
@@ -178,8 +185,26 @@ impl Extractor<'_> {
         if name.as_bytes().starts_with(WHITEOUT_PREFIX) {
             return self.whiteout(&parent_path, &name, header);
         }
+        let mut oci_name = WHITEOUT_PREFIX.to_vec();
+        oci_name.extend_from_slice(name.as_bytes());
+        let oci_name = OsString::from_vec(oci_name);
+        let kernel_whiteout = header.kind == Kind::CharDevice && header.dev_major == 0 && header.dev_minor == 0;
+        if kernel_whiteout && oci_name.len() <= NAME_MAX {
+            // The kernel's whiteout form (a tar of an overlay upper has
+            // them): kept in the OCI form like every other whiteout. As a
+            // member it replaces whatever this layer had under the name.
+            let parent = self.make_parents(&parent_path)?;
+            self.clear_place(parent.as_fd(), &name, false)?;
+            self.converted.insert(path);
+            return self.whiteout(&parent_path, &oci_name, header);
+        }
         let parent = self.make_parents(&parent_path)?;
         let parent = parent.as_fd();
+        if self.converted.remove(&path) {
+            // A later member replaces the converted whiteout, as it would
+            // replace the char device.
+            self.clear_place(parent, &oci_name, false)?;
+        }
         self.clear_place(parent, &name, header.kind == Kind::Directory)?;
         match header.kind {
             Kind::Directory => {
@@ -559,6 +584,20 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("x")).unwrap(), b"now a file");
         let l = std::fs::symlink_metadata(dir.path().join("l")).unwrap();
         assert!(l.is_dir() && l.mode() & 0o777 == 0o700, "the directory replaced the symlink");
+    }
+
+    #[test]
+    fn kernel_whiteouts_are_stored_in_the_oci_form() {
+        let (dir, result) = extract_members(&[
+            Member { data: b"old", ..member("gone", tar::EntryType::Regular, 0o644) },
+            member("gone", tar::EntryType::Char, 0o600),
+            member("back", tar::EntryType::Char, 0o600),
+            Member { data: b"new", ..member("back", tar::EntryType::Regular, 0o644) },
+        ]);
+        result.unwrap();
+        let names = |p: &str| dir.path().join(p).symlink_metadata().is_ok();
+        assert!(names(".wh.gone") && !names("gone"), "char 0/0 replaced the file and became .wh.gone");
+        assert!(names("back") && !names(".wh.back"), "a later member replaced the whiteout");
     }
 
     #[test]

@@ -207,6 +207,46 @@ fn oci_layout_directory() {
 }
 
 #[test]
+fn kernel_whiteouts_are_stored_in_the_oci_form() {
+    let s = Sandbox::new();
+    let (image, _) = rich_image("rich:form");
+    let app = hex(&image.layers[1].diff_id).to_string();
+    oci_layout(&[image], false).write_dir(&s.p("layout"));
+    s.import(&s.p("layout"), &[]);
+    let root = s.store().join("layers").join(app).join("root");
+    assert!(root.join("usr/bin/.wh.tool2").is_file(), "the char 0/0 member is a .wh. file in the store");
+    assert!(absent(&root.join("usr/bin/tool2")));
+    assert!(root.join("etc/.wh.remove-me").is_file() && root.join("opt/stuff/.wh..wh..opq").is_file());
+}
+
+#[test]
+fn unprivileged_import_keeps_what_it_can() {
+    let s = Sandbox::new();
+    let (image, _) = rich_image("rich:user");
+    oci_layout(&[image], false).write_dir(&s.p("layout"));
+    let store = s.p("userstore");
+    fs::create_dir(&store).expect("mkdir");
+    lchown(&store, 1000, 1000).expect("chown store");
+    let o = sh_as_user(
+        1000,
+        1000,
+        &format!("{} import --store {} {}", strata_bin().display(), store.display(), s.p("layout").display()),
+    );
+    assert!(o.success(), "{o:?}");
+    assert!(o.stderr.contains("owners not kept"), "says what it could not keep: {}", o.stderr);
+    let layers = ls(&store.join("layers"));
+    assert_eq!(layers.len(), 3);
+    let found: Vec<PathBuf> = layers
+        .iter()
+        .map(|l| store.join("layers").join(l).join("root"))
+        .filter(|root| root.join("usr/bin/.wh.tool2").exists())
+        .collect();
+    assert_eq!(found.len(), 1, "the kernel whiteout is stored without privilege");
+    let images = run(Command::new(strata_bin()).args(["images", "--store"]).arg(&store), Duration::from_secs(30));
+    assert!(images.stdout.contains("rich:user"), "{images:?}");
+}
+
+#[test]
 fn oci_layout_tar_gzip_and_zstd_compressed() {
     let s = Sandbox::new();
     let (image, tars) = rich_image("rich:tar");
