@@ -131,8 +131,18 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             log::warn!("cannot remove the ephemeral upper {}: {err}", dir.display());
         }
     }
-    for path in record.into_iter().chain(socket) {
-        let _ = std::fs::remove_file(path);
+    // Device numbers of FUSE mounts are reused: once unmounted, a new mount
+    // may already have written its own record under the same name. Remove
+    // the files only while the record is still this daemon's.
+    let own = record
+        .as_ref()
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| MountRecord::from_text(&text))
+        .is_some_and(|r| r.pid == std::process::id() as i32);
+    if own {
+        for path in record.into_iter().chain(socket) {
+            let _ = std::fs::remove_file(path);
+        }
     }
     result.map_err(|err| format!("serving the mount failed: {err}"))
 }

@@ -1089,6 +1089,12 @@ impl UnionFs {
             let node = table.get(ino)?;
             (node.is_dir(), node.lowers.first().map(|s| s.path.clone()))
         };
+        if is_dir && lower_path.is_some() && self.stack.namespace == XattrNamespace::User {
+            // With user.* markers the kernel's overlayfs follows no
+            // redirect (and refuses to read a directory that has one), so
+            // rootless, the directory is copied up whole and made opaque.
+            return self.copy_up_tree(ino);
+        }
         if let (true, Some(lower_path)) = (is_dir, lower_path) {
             let path = self.upper_path(ino)?;
             let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
@@ -1102,6 +1108,31 @@ impl UnionFs {
                 target: String::from_utf8_lossy(&redirect).into_owned(),
             });
         }
+        Ok(())
+    }
+
+    /// Copy a directory and everything it shows into the upper layer, then
+    /// mark it opaque: it no longer needs its lower copies.
+    fn copy_up_tree(&self, ino: u64) -> SysResult<()> {
+        self.copy_up(ino, false)?;
+        for item in self.list_dir(ino)?.iter().filter(|item| item.name != "." && item.name != "..") {
+            let child = self.lookup(ino, &item.name)?;
+            let result = if kind_of(&child.stat) == libc::S_IFDIR {
+                self.copy_up_tree(child.ino)
+            } else {
+                self.copy_up(child.ino, false)
+            };
+            self.forget(child.ino, 1);
+            result?;
+        }
+        let path = self.upper_path(ino)?;
+        let parent = self.stack.open_dir(0, path.parent().unwrap_or(Path::new("")), libc::O_PATH)?;
+        let name = path.file_name().ok_or(Errno::EINVAL)?;
+        // An opaque directory hides nothing below it: its whiteouts would
+        // only show up as device files to the kernel's readdir.
+        drop_whiteouts(parent.as_fd(), name)?;
+        self.mark_opaque(parent.as_fd(), name)?;
+        lock(&self.table).get_mut(ino)?.lowers.clear();
         Ok(())
     }
 
@@ -1440,6 +1471,30 @@ fn prepare_scratch(work_dir: std::os::fd::BorrowedFd<'_>, name: &str, empty_it: 
         }
     }
     Ok(fd)
+}
+
+/// Remove the whiteouts (char 0/0, or empty files with an overlay whiteout
+/// xattr) from the upper directory `name`, leaving everything else.
+fn drop_whiteouts(parent: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    let dir = sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let handle = sys::dup(dir.as_fd())?;
+    for entry in sys::read_dir(dir)? {
+        let stat = sys::fstatat(handle.as_fd(), &entry.name)?;
+        let whiteout = match kind_of(&stat) {
+            libc::S_IFCHR => stat.st_rdev == 0,
+            libc::S_IFREG if stat.st_size == 0 => {
+                let xattrs = XattrTarget::new(handle.as_fd(), &entry.name)?;
+                [XattrNamespace::Trusted, XattrNamespace::User]
+                    .iter()
+                    .any(|ns| matches!(xattrs.get_opt(&ns.overlay("whiteout")), Ok(Some(_))))
+            }
+            _ => false,
+        };
+        if whiteout {
+            sys::unlinkat(handle.as_fd(), &entry.name, false)?;
+        }
+    }
+    Ok(())
 }
 
 /// Remove the whiteouts (all that a merged-empty directory holds in the

@@ -315,8 +315,8 @@ fn strata_umount_leaves_no_daemon() {
 fn check_external_unmount(cmd: &str) {
     let l = Layers::new(1);
     let m = StrataMount::mount(&l);
-    let o =
-        run(Command::new(cmd).arg(if cmd == "fusermount3" { "-u" } else { "--" }).arg(&m.mnt), Duration::from_secs(20));
+    let flag = if cmd.starts_with("fusermount") { "-u" } else { "--" };
+    let o = run(Command::new(cmd).arg(flag).arg(&m.mnt), Duration::from_secs(20));
     assert!(o.success(), "{cmd}: {o:?}");
     assert!(!is_mounted(&m.mnt));
     assert!(
@@ -334,6 +334,37 @@ fn fusermount3_u_ends_the_daemon() {
 #[test]
 fn umount_ends_the_daemon() {
     check_external_unmount("umount");
+}
+
+/// containers-storage tries `fusermount -u` after `fusermount3 -u`.
+#[test]
+fn fusermount_u_ends_the_daemon() {
+    check_external_unmount("fusermount");
+}
+
+/// The last resort of containers-storage: a lazy unmount while a process
+/// still has a file open. The daemon serves that file until it is closed,
+/// then exits, and nothing written is lost.
+#[test]
+fn lazy_unmount_with_an_open_file_loses_nothing() {
+    use std::io::Write;
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower ");
+    let m = StrataMount::mount(&l);
+    let mut open = fs::OpenOptions::new().append(true).open(m.p("f")).unwrap();
+    open.write_all(b"before ").unwrap();
+    let o = run(Command::new("umount").arg("-l").arg(&m.mnt), Duration::from_secs(20));
+    assert!(o.success(), "umount -l: {o:?}");
+    assert!(!is_mounted(&m.mnt), "detached from the tree at once");
+    open.write_all(b"after").unwrap();
+    assert_eq!(daemon_pids(&m.mnt).len(), 1, "the daemon keeps serving the open file");
+    drop(open);
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon_pids(&m.mnt).is_empty()),
+        "the daemon must exit once the last file is closed: {:?}",
+        daemon_pids(&m.mnt)
+    );
+    assert_eq!(read_string(&l.upper.p("f")), "lower before after", "the upper holds every write");
 }
 
 #[test]
