@@ -73,9 +73,8 @@ fn image_target(store: &Store, image: &ImageRecord) -> Result<Target, String> {
 
 fn resolve_target(store: &Store, target: &str) -> Result<Target, String> {
     let path = Path::new(target);
-    if path.is_dir() {
-        let record = MountRecord::find(path)
-            .ok_or_else(|| format!("{target} is a directory but not the mount point of a running Strata mount"))?;
+    // A mount point, or else an image (a directory may share an image's name).
+    if let Some(record) = path.is_dir().then(|| MountRecord::find(path)).flatten() {
         let layers_dir = store.root.join("layers");
         let stack = open_stack(record.upper.as_deref(), &record.lowers)?;
         let count = record.lowers.len();
@@ -95,7 +94,13 @@ fn resolve_target(store: &Store, target: &str) -> Result<Target, String> {
             .collect();
         return Ok(Target { stack, labels });
     }
-    image_target(store, &store.find_image(target)?)
+    match store.find_image(target) {
+        Ok(image) => image_target(store, &image),
+        Err(_) if path.is_dir() => {
+            Err(format!("{target} is neither an image nor the mount point of a running Strata mount"))
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// What one layer alone says about the path.
