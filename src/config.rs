@@ -81,6 +81,9 @@ pub struct MountConfig {
     /// Ownership shifting (`uidmapping=`, `gidmapping=`, `squash_to_*`).
     pub uids: IdMap,
     pub gids: IdMap,
+    /// A directory (holding the upper and work directories) that the
+    /// daemon removes once unmounted: `mount --image --ephemeral`.
+    pub ephemeral: Option<PathBuf>,
 }
 
 /// `--trace[=FILE]`: events to a file, or to stderr (the mount then stays
@@ -118,6 +121,7 @@ impl Default for MountConfig {
             trace: None,
             uids: IdMap::default(),
             gids: IdMap::default(),
+            ephemeral: None,
         }
     }
 }

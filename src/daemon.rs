@@ -155,6 +155,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     });
     let result = session.run();
     fs.sync();
+    if let Some(dir) = &config.ephemeral {
+        // `mount --ephemeral`: the upper layer goes with the mount.
+        if let Err(err) = crate::extract::remove_path(dir) {
+            log::warn!("cannot remove the ephemeral upper {}: {err}", dir.display());
+        }
+    }
     // Device numbers of FUSE mounts are reused: once unmounted, a new mount
     // may already have written its own record under the same name. Remove
     // the files only while the record is still this daemon's.
@@ -298,6 +304,15 @@ impl MountRecord {
             }
         }
         (record.pid > 0).then_some(record)
+    }
+
+    /// The records of every mount whose daemon is still running.
+    pub fn live() -> Vec<Self> {
+        let Ok(dir) = std::fs::read_dir(record_dir()) else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|entry| Self::from_text(&std::fs::read_to_string(entry.path()).ok()?))
+            .filter(|record| process_alive(record.pid))
+            .collect()
     }
 
     /// The record of the Strata mount at `mountpoint`, if it is one.

@@ -100,6 +100,19 @@ impl Resolved {
     }
 }
 
+/// What one layer alone holds under a name, whiteouts read (for
+/// `strata whence`).
+#[derive(Clone, Debug)]
+pub enum Presence {
+    Missing,
+    Whiteout,
+    /// An entry; for a directory, whether it is opaque (hides lower copies).
+    Entry {
+        stat: Stat,
+        opaque: bool,
+    },
+}
+
 /// What one layer holds under a name.
 enum Probe {
     Missing,
@@ -307,6 +320,15 @@ impl LayerStack {
             }
         }
         Ok(found)
+    }
+
+    /// What layer `layer` alone holds as `name` in its directory `dir_path`.
+    pub fn presence(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Presence> {
+        Ok(match self.probe(layer, dir_path, name)? {
+            Probe::Missing => Presence::Missing,
+            Probe::Whiteout => Presence::Whiteout,
+            Probe::Entry { stat, opaque, .. } => Presence::Entry { stat, opaque },
+        })
     }
 
     /// What layer `layer` holds as `name` in its directory `dir_path`.

@@ -11,11 +11,17 @@ mod control;
 mod copyup;
 mod daemon;
 mod diff;
+mod digest;
+mod extract;
 mod fuse;
 mod idmap;
+mod import;
 mod inodes;
+mod inspect;
 mod layers;
+mod store;
 mod sys;
+mod tarball;
 mod trace;
 mod unionfs;
 
@@ -62,6 +68,85 @@ enum Command {
     Diff(diff::DiffArgs),
     /// Write the upper layer's changes as an OCI layer tarball.
     Commit(commit::CommitArgs),
+    /// Import a docker save archive or an OCI layout (directory or tar) into the layer store.
+    Import(ImportArgs),
+    /// List the images in the layer store.
+    Images {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Remove an image (or one of its names) and the layers no other image uses.
+    Rmi {
+        #[command(flatten)]
+        store: StoreArg,
+        /// NAME[:TAG] or image id; repeat for more.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove leftovers of interrupted imports and ephemeral mounts, and unused layers.
+    Prune {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Which layer serves a path of an image or a mount, and what it shadows.
+    Whence {
+        #[command(flatten)]
+        store: StoreArg,
+        /// An image (NAME[:TAG] or id) or the mount point of a Strata mount.
+        target: String,
+        /// A path inside it, as seen in the merged tree.
+        path: PathBuf,
+    },
+    /// One row per layer of an image: what it added, changed, deleted and wastes.
+    Layers {
+        #[command(flatten)]
+        store: StoreArg,
+        image: String,
+        /// `table` (default) or `json`.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+}
+
+#[derive(Args)]
+struct StoreArg {
+    /// The layer store (default /var/lib/strata for root, $XDG_DATA_HOME/strata otherwise).
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Name the imported image NAME:TAG (instead of the names in the archive).
+    #[arg(long, value_name = "NAME:TAG")]
+    tag: Option<String>,
+    /// Which image of a multi-platform index (default: this machine's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+    /// The most bytes one layer may decompress to (suffixes K, M, G, T).
+    #[arg(long, value_name = "BYTES", default_value = "64G", value_parser = parse_bytes)]
+    max_layer_size: u64,
+    /// A docker save archive (tar, maybe compressed) or an OCI layout (directory or tar).
+    path: PathBuf,
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?} is not a size (like 512M or 64G)")),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (like 512M or 64G)"))?;
+    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Args)]
@@ -69,6 +154,14 @@ struct MountArgs {
     /// A lower layer; repeat for more, topmost first (like lowerdir=TOP:...:BOTTOM).
     #[arg(long = "lower", value_name = "DIR")]
     lowers: Vec<PathBuf>,
+    /// Mount an imported image's layers (read-only unless --upper/--work or --ephemeral).
+    #[arg(long, value_name = "NAME[:TAG]", conflicts_with = "lowers")]
+    image: Option<String>,
+    #[command(flatten)]
+    store: StoreArg,
+    /// With --image: a temporary upper layer, removed at unmount.
+    #[arg(long, requires = "image", conflicts_with_all = ["upper", "work"])]
+    ephemeral: bool,
     /// The writable upper directory; without it the mount is read-only.
     #[arg(long, value_name = "DIR")]
     upper: Option<PathBuf>,
@@ -107,8 +200,26 @@ struct MountArgs {
 /// containers-storage runs a mount program as `PROGRAM -o OPTS TARGET` and
 /// mount.fuse3 as `PROGRAM SOURCE TARGET -o OPTS`: both mean `mount`.
 fn normalise_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    const COMMANDS: &[&str] =
-        &["mount", "umount", "unmount", "stats", "trace", "diff", "commit", "help", "--help", "-h", "--version", "-V"];
+    const COMMANDS: &[&str] = &[
+        "mount",
+        "umount",
+        "unmount",
+        "stats",
+        "trace",
+        "diff",
+        "commit",
+        "import",
+        "images",
+        "rmi",
+        "prune",
+        "whence",
+        "layers",
+        "help",
+        "--help",
+        "-h",
+        "--version",
+        "-V",
+    ];
     let Some(first) = args.get(1).and_then(|a| a.to_str()).map(str::to_owned) else { return args };
     if COMMANDS.contains(&first.as_str()) {
         return args;
@@ -139,6 +250,26 @@ fn init_logging(verbose: u8, debug: bool) {
 
 fn mount(args: MountArgs) -> Result<(), String> {
     let mut config = MountConfig { lowers: args.lowers, upper: args.upper, work: args.work, ..Default::default() };
+    if let Some(reference) = &args.image {
+        let store = store::Store::open(args.store.store.as_deref())?;
+        let image = store.find_image(reference)?;
+        // The config lists layers bottom first; a mount wants the top first.
+        for diff_id in image.diff_ids.iter().rev() {
+            let root = store.layer_root(diff_id)?;
+            if !root.is_dir() {
+                return Err(format!(
+                    "layer {diff_id} of {reference} is missing from the store; import the image again"
+                ));
+            }
+            config.lowers.push(root);
+        }
+        if args.ephemeral {
+            let dir = store.ephemeral_dir()?;
+            config.upper = Some(dir.join("upper"));
+            config.work = Some(dir.join("work"));
+            config.ephemeral = Some(dir);
+        }
+    }
     for text in &args.options {
         for item in config::split_options(text) {
             config.apply_option(&item).map_err(|err| err.to_string())?;
@@ -162,8 +293,80 @@ fn mount(args: MountArgs) -> Result<(), String> {
         });
     }
     init_logging(args.verbose, config.debug);
-    config.validate().map_err(|err| err.to_string())?;
-    daemon::run(config)
+    let ephemeral = config.ephemeral.clone();
+    let result = config.validate().map_err(|err| err.to_string()).and_then(|()| daemon::run(config));
+    if let (Err(_), Some(dir)) = (&result, ephemeral) {
+        let _ = extract::remove_path(&dir);
+    }
+    result
+}
+
+fn open_store(arg: &StoreArg) -> Result<store::Store, String> {
+    store::Store::open(arg.store.as_deref())
+}
+
+fn import_command(args: ImportArgs) -> Result<(), String> {
+    let store = open_store(&args.store)?;
+    let options =
+        import::ImportOptions { tag: args.tag, platform: args.platform, max_layer_bytes: args.max_layer_size };
+    import::import(&store, &args.path, &options).map(|_| ())
+}
+
+fn images_command(arg: &StoreArg) -> Result<(), String> {
+    let store = open_store(arg)?;
+    let rows: Vec<[String; 6]> = store
+        .images()
+        .into_iter()
+        .flat_map(|image| {
+            let size: u64 = image.diff_ids.iter().filter_map(|d| store.layer_info(d)).map(|i| i.size).sum();
+            let names = if image.names.is_empty() { vec!["<none>".to_string()] } else { image.names.clone() };
+            // The config's creation time, a day is precise enough here.
+            let created: String =
+                image.config.get("created").and_then(|c| c.as_str()).unwrap_or("").chars().take(10).collect();
+            names.into_iter().map(move |name| {
+                [
+                    name,
+                    digest::short(&image.id).to_string(),
+                    created.clone(),
+                    image.platform.clone(),
+                    image.diff_ids.len().to_string(),
+                    store::human(size),
+                ]
+            })
+        })
+        .collect();
+    let header = ["NAME", "IMAGE ID", "CREATED", "PLATFORM", "LAYERS", "SIZE"].map(str::to_string);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn rmi_command(arg: &StoreArg, images: &[String]) -> Result<(), String> {
+    let store = open_store(arg)?;
+    for image in images {
+        for message in store.remove_image(image)? {
+            println!("{message}");
+        }
+    }
+    Ok(())
+}
+
+fn prune_command(arg: &StoreArg) -> Result<(), String> {
+    let store = open_store(arg)?;
+    let (messages, freed) = store.prune()?;
+    for message in &messages {
+        println!("{message}");
+    }
+    println!("Total reclaimed space: {}", store::human(freed));
+    Ok(())
 }
 
 /// The event format asked for; colored only on a terminal.
@@ -219,6 +422,10 @@ fn trace_mount(mountpoint: &std::path::Path, all: bool, format: &str) -> Result<
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args_os().collect()));
+    if !matches!(cli.command, Command::Mount(_) | Command::Umount { .. }) {
+        init_logging(0, false);
+        sys::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Mount(args) => mount(args),
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint),
@@ -226,6 +433,14 @@ fn main() -> ExitCode {
         Command::Trace { mountpoint, all, format } => trace_mount(&mountpoint, all, &format),
         Command::Diff(args) => diff::run(args),
         Command::Commit(args) => commit::run(args),
+        Command::Import(args) => import_command(args),
+        Command::Images { store } => images_command(&store),
+        Command::Rmi { store, images } => rmi_command(&store, &images),
+        Command::Prune { store } => prune_command(&store),
+        Command::Whence { store, target, path } => open_store(&store).and_then(|s| inspect::whence(&s, &target, &path)),
+        Command::Layers { store, image, format } => {
+            open_store(&store).and_then(|s| inspect::layers(&s, &image, &format))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -646,3 +646,63 @@ pub fn can_mknod_whiteout(dir: BorrowedFd<'_>) -> bool {
     let _ = unlinkat(dir, probe, false);
     ok
 }
+
+/// Open `path` inside `root` as if `root` were `/`: absolute symlinks and
+/// `..` resolve inside it, never above (openat2 RESOLVE_IN_ROOT). For
+/// reading a directory the user handed us (an OCI layout), whose symlinks
+/// may legitimately point at siblings.
+pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
+    let c_path = cstr(path.as_os_str())?;
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    loop {
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                c_path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if ret >= 0 {
+            return Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) });
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => continue,
+            err => return Err(err),
+        }
+    }
+}
+
+/// An advisory lock on a whole file (flock): shared or exclusive; with
+/// `wait` false, EWOULDBLOCK when someone else holds a conflicting lock.
+pub fn flock(fd: BorrowedFd<'_>, exclusive: bool, wait: bool) -> SysResult<()> {
+    let mut op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    if !wait {
+        op |= libc::LOCK_NB;
+    }
+    loop {
+        match check(unsafe { libc::flock(fd.as_raw_fd(), op) }) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// Die quietly on a closed pipe (`strata layers --format json | head`), as
+/// command line tools do; Rust ignores SIGPIPE and would panic in println.
+pub fn default_sigpipe() {
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// chown of the file any descriptor refers to, O_PATH ones (symlinks
+/// included) too: fchownat with AT_EMPTY_PATH, which fchown cannot do.
+pub fn chown_path_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> SysResult<()> {
+    check(unsafe {
+        libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    })?;
+    Ok(())
+}
