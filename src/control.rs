@@ -13,7 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::trace::{Format, human_bytes};
+use crate::store::human;
+use crate::trace::Format;
 use crate::unionfs::UnionFs;
 
 /// Make the socket at `path` (owner-only). It is bound before the daemon
@@ -123,14 +124,14 @@ fn stats_text(fs: &UnionFs, mountpoint: &Path) -> String {
         );
     }
     let (rss, peak) = memory();
-    text += &format!("copy-ups        {} ({} copied)\n", get(&m.copy_ups), human_bytes(get(&m.copied_bytes)));
+    text += &format!("copy-ups        {} ({} copied)\n", get(&m.copy_ups), human(get(&m.copied_bytes)));
     text += &format!("whiteouts       {}\n", get(&m.whiteouts));
     text += &format!("opaque dirs     {}\n", get(&m.opaque_dirs));
     text += &format!("redirects       {}\n", get(&m.redirects));
     text += &format!("created         {}\n", get(&m.creates));
     text += &format!("open files      {}\n", fs.open_files());
     text += &format!("cached inodes   {}\n", fs.cached_inodes());
-    text += &format!("memory          {} (peak {})\n", human_bytes(rss), human_bytes(peak));
+    text += &format!("memory          {} (peak {})\n", human(rss), human(peak));
     text
 }
 

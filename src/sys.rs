@@ -68,11 +68,21 @@ pub fn open_beneath(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<
 }
 
 fn open_beneath_once(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
+    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    match openat2(root, path, flags | libc::O_NOFOLLOW, resolve) {
+        Err(Errno::ENOSYS) => open_beneath_walk(root, path, flags),
+        other => other,
+    }
+}
+
+/// openat2(2) of `path` ("" for `root` itself) with the given resolve
+/// rules, O_CLOEXEC added.
+fn openat2(root: BorrowedFd<'_>, path: &Path, flags: i32, resolve: u64) -> SysResult<OwnedFd> {
     let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
     let c_path = cstr(path.as_os_str())?;
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
     loop {
         let ret = unsafe {
             libc::syscall(
@@ -88,7 +98,6 @@ fn open_beneath_once(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult
         }
         match Errno::last() {
             Errno::EAGAIN | Errno::EINTR => continue,
-            Errno::ENOSYS => return open_beneath_walk(root, path, flags),
             err => return Err(err),
         }
     }
@@ -652,29 +661,7 @@ pub fn can_mknod_whiteout(dir: BorrowedFd<'_>) -> bool {
 /// reading a directory the user handed us (an OCI layout), whose symlinks
 /// may legitimately point at siblings.
 pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: i32) -> SysResult<OwnedFd> {
-    let path = if path.as_os_str().is_empty() { Path::new(".") } else { path };
-    let c_path = cstr(path.as_os_str())?;
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    loop {
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                c_path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if ret >= 0 {
-            return Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) });
-        }
-        match Errno::last() {
-            Errno::EAGAIN | Errno::EINTR => continue,
-            err => return Err(err),
-        }
-    }
+    openat2(root, path, flags, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS)
 }
 
 /// An advisory lock on a whole file (flock): shared or exclusive; with

@@ -49,7 +49,7 @@ impl Event {
         match self {
             Event::CopyUp { layer, bytes, took, data, .. } => format!(
                 "from {layer}, {} in {:.1} ms ({})",
-                human_bytes(*bytes),
+                crate::store::human(*bytes),
                 took.as_secs_f64() * 1000.0,
                 if *data { "data and metadata" } else { "metadata only" }
             ),
@@ -101,17 +101,6 @@ fn clock(at: SystemTime) -> String {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() % 86_400;
     format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, since.subsec_millis())
-}
-
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1255,6 +1255,19 @@ impl UnionFs {
         Ok(handle)
     }
 
+    fn open_dir_handle(&self, handle: u64) -> SysResult<Arc<OpenDir>> {
+        lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// The listing of an open directory, taken at its first read.
+    fn items_of<'a>(&self, dir: &'a OpenDir) -> SysResult<&'a [DirItem]> {
+        if let Some(items) = dir.items.get() {
+            return Ok(items);
+        }
+        let listed = self.list_dir(dir.ino)?;
+        Ok(dir.items.get_or_init(|| listed))
+    }
+
     fn list_dir(&self, ino: u64) -> SysResult<Vec<DirItem>> {
         let sources = self.dir_sources(ino)?;
         let parent = lock(&self.table).get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT);
@@ -1272,14 +1285,8 @@ impl UnionFs {
     /// entry") to `add`, with the offset of the next one, until it says the
     /// reply is full.
     pub fn readdir(&self, handle: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
-        let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
-        let items = match dir.items.get() {
-            Some(items) => items,
-            None => {
-                let listed = self.list_dir(dir.ino)?;
-                dir.items.get_or_init(|| listed)
-            }
-        };
+        let dir = self.open_dir_handle(handle)?;
+        let items = self.items_of(&dir)?;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             if add(i as u64 + 1, item) {
                 break;
@@ -1297,14 +1304,8 @@ impl UnionFs {
         offset: u64,
         mut add: impl FnMut(u64, &DirItem, &Entry) -> bool,
     ) -> SysResult<()> {
-        let dir = lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)?;
-        let items = match dir.items.get() {
-            Some(items) => items,
-            None => {
-                let listed = self.list_dir(dir.ino)?;
-                dir.items.get_or_init(|| listed)
-            }
-        };
+        let dir = self.open_dir_handle(handle)?;
+        let items = self.items_of(&dir)?;
         let mut own: Option<Entry> = None;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
