@@ -128,7 +128,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             }
             Ok(child) => {
                 write_record(&config, child);
-                unsafe_exit_success()
+                exit_leaving_the_mount()
             }
             Err(err) => return Err(format!("cannot fork the daemon: {err}")),
         }
@@ -177,7 +177,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     result.map_err(|err| format!("serving the mount failed: {err}"))
 }
 
-fn unsafe_exit_success() -> ! {
+fn exit_leaving_the_mount() -> ! {
     // std::process::exit runs no destructors, so the session's unmount
     // guard stays armed only in the child.
     std::process::exit(0)
