@@ -178,8 +178,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
 }
 
 fn exit_leaving_the_mount() -> ! {
-    // std::process::exit runs no destructors, so the session's unmount
-    // guard stays armed only in the child.
+    // std::process::exit runs no destructors: nothing of the session the
+    // child now serves (fuser's unmount guard on the fusermount3 path) is
+    // torn down by the parent.
     std::process::exit(0)
 }
 
