@@ -131,13 +131,12 @@ impl StrataFuse {
 impl Filesystem for StrataFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open, so a truncating open skips copying data.
-        // Readdirplus hands out attributes with names, saving a lookup per
-        // entry for `ls -l` and `rm -rf`; "auto" lets the kernel use it only
-        // when lookups follow a listing.
-        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+        // Readdirplus hands out attributes with names, saving a lookup round
+        // trip per entry for stat walks, `ls -l` and `rm -rf`. Always, not
+        // "auto" (which uses it for a listing's first chunk only): a warm
+        // listing comes from the kernel's cache anyway.
+        let mut wanted =
+            InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_DO_READDIRPLUS;
         if self.parallel {
             wanted |= InitFlags::FUSE_PARALLEL_DIROPS;
         }
