@@ -29,6 +29,13 @@ pub struct StrataFuse {
     pub parallel: bool,
 }
 
+/// How files are opened. KEEP_CACHE: a file keeps its page cache across
+/// opens, since lower layers never change and the upper changes only
+/// through this mount, whose writes go through the same kernel inode
+/// (copy-up keeps the inode). NOFLUSH: close(2) sends no FLUSH, which would
+/// do nothing here (locks are the kernel's).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
 /// The one place where errors become FUSE replies.
 fn errno(err: Errno) -> FuseErrno {
     FuseErrno::from_i32(err as i32)
@@ -249,7 +256,7 @@ impl Filesystem for StrataFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Ok(handle) => reply.opened(FileHandle(handle), FILE_OPEN_FLAGS),
             Err(err) => reply.error(errno(err)),
         }
     }
@@ -413,9 +420,13 @@ impl Filesystem for StrataFuse {
         reply: ReplyCreate,
     ) {
         match self.fs.create(parent.0, name, mode & !(umask & 0o777), flags, caller(req)) {
-            Ok((entry, handle)) => {
-                reply.created(&self.ttl, &attr(&entry.stat), Generation(0), FileHandle(handle), FopenFlags::empty())
-            }
+            Ok((entry, handle)) => reply.created(
+                &self.ttl,
+                &attr(&entry.stat),
+                Generation(0),
+                FileHandle(handle),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(err) => reply.error(errno(err)),
         }
     }
