@@ -291,10 +291,9 @@ impl<W: Write> LayerWriter<'_, W> {
     /// `new`, its image sources `old`).
     fn walk_upper(&mut self, rel: &Path, new: &[Source], old: &[Source]) -> Result<(), String> {
         let Some(upper) = new.iter().find(|s| self.container().is_upper(s.layer)).cloned() else { return Ok(()) };
-        let fd = self.container().open_dir(upper.layer, &upper.path, libc::O_RDONLY).map_err(|e| sys_error(rel, e))?;
-        let dir = sys::dup(fd.as_fd()).map_err(|e| sys_error(rel, e))?;
+        let dir = self.container().open_dir(upper.layer, &upper.path, libc::O_PATH).map_err(|e| sys_error(rel, e))?;
         let mut members: Vec<(OsString, Member)> = Vec::new();
-        for raw in sys::read_dir(fd).map_err(|e| sys_error(rel, e))? {
+        for raw in sys::read_dir(dir.as_fd()).map_err(|e| sys_error(rel, e))? {
             let child = rel.join(&raw.name);
             if raw.name.as_bytes().starts_with(WHITEOUT_PREFIX) {
                 return Err(format!(

@@ -93,12 +93,11 @@ pub fn copy_entry(
 pub fn remove_temp(work: BorrowedFd<'_>, name: &OsStr) {
     match sys::fstatat(work, name) {
         Ok(stat) if stat.st_mode & libc::S_IFMT == libc::S_IFDIR => {
-            if let Ok(dir) = sys::openat(work, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-                && let Ok(handle) = sys::dup(dir.as_fd())
-                && let Ok(entries) = sys::read_dir(dir)
+            if let Ok(dir) = sys::openat(work, name, libc::O_PATH | libc::O_DIRECTORY, 0)
+                && let Ok(entries) = sys::read_dir(dir.as_fd())
             {
                 for entry in entries {
-                    remove_temp(handle.as_fd(), &entry.name);
+                    remove_temp(dir.as_fd(), &entry.name);
                 }
             }
             let _ = sys::unlinkat(work, name, true);

@@ -297,7 +297,7 @@ fn upper_names(stack: &LayerStack, upper: &Source) -> SysResult<Vec<OsString>> {
         Err(err) => return Err(err),
     };
     let mut names = Vec::new();
-    for entry in sys::read_dir(fd)? {
+    for entry in sys::read_dir(fd.as_fd())? {
         let bytes = entry.name.as_bytes();
         if entry.name == OPAQUE_MARKER {
             continue;

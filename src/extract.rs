@@ -484,11 +484,10 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
         Err(Errno::EISDIR | Errno::EPERM) => {}
         Err(err) => return Err(err),
     }
-    let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let child_dir = sys::dup(fd.as_fd())?;
+    let child_dir = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     // A directory we cannot write cannot be emptied: make it writable first.
     let _ = sys::fchmod_fd(child_dir.as_fd(), 0o700);
-    for entry in sys::read_dir(fd)? {
+    for entry in sys::read_dir(child_dir.as_fd())? {
         remove_tree(child_dir.as_fd(), &entry.name)?;
     }
     sys::unlinkat(dir, name, true)

@@ -427,17 +427,16 @@ impl LayerStack {
         if cacheable && let Some(listing) = lock(&self.lower_listings).get(&key) {
             return Ok(Some(listing.clone()));
         }
-        let fd = match self.open_dir(source.layer, &source.path, libc::O_RDONLY) {
+        let dir = match self.open_dir(source.layer, &source.path, libc::O_PATH) {
             Ok(fd) => fd,
             Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(None),
             Err(err) => return Err(err),
         };
-        let dir = sys::dup(fd.as_fd())?;
         // Only a directory marked opaque "x" can hold xattr whiteouts (empty
         // regular files); elsewhere a regular file needs no stat.
         let xattr_whiteouts = has_xattr_whiteouts(&XattrTarget::fd(dir.as_fd()));
         let mut listing = LayerListing { entries: Vec::new(), hidden: Vec::new(), hidden_below: Vec::new() };
-        for entry in sys::read_dir(fd)? {
+        for entry in sys::read_dir(dir.as_fd())? {
             let name_bytes = entry.name.as_bytes();
             if name_bytes.starts_with(WHITEOUT_PREFIX) {
                 if entry.name != OPAQUE_MARKER {

@@ -411,9 +411,11 @@ pub struct DirEntry {
     pub kind: u8,
 }
 
-/// All entries of the directory `fd` (opened O_RDONLY|O_DIRECTORY), without
-/// "." and "..".
-pub fn read_dir(fd: OwnedFd) -> SysResult<Vec<DirEntry>> {
+/// All entries of the directory `dir` (any descriptor of it, O_PATH too),
+/// without "." and "..". The listing reads a fresh open of the directory,
+/// so `dir` stays the caller's to use for the entries.
+pub fn read_dir(dir: BorrowedFd<'_>) -> SysResult<Vec<DirEntry>> {
+    let fd = openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let dir = unsafe { libc::fdopendir(fd.as_raw_fd()) };
     if dir.is_null() {
         return Err(Errno::last());

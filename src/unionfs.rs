@@ -1466,8 +1466,7 @@ fn prepare_scratch(work_dir: std::os::fd::BorrowedFd<'_>, name: &str, empty_it: 
     }
     let fd = sys::openat(work_dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     if empty_it {
-        let listing = sys::openat(work_dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        for entry in sys::read_dir(listing)? {
+        for entry in sys::read_dir(fd.as_fd())? {
             crate::copyup::remove_temp(fd.as_fd(), &entry.name);
         }
     }
@@ -1477,9 +1476,8 @@ fn prepare_scratch(work_dir: std::os::fd::BorrowedFd<'_>, name: &str, empty_it: 
 /// Remove the whiteouts (char 0/0, or empty files with an overlay whiteout
 /// xattr) from the upper directory `name`, leaving everything else.
 fn drop_whiteouts(parent: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
-    let dir = sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let handle = sys::dup(dir.as_fd())?;
-    for entry in sys::read_dir(dir)? {
+    let handle = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    for entry in sys::read_dir(handle.as_fd())? {
         let stat = sys::fstatat(handle.as_fd(), &entry.name)?;
         let whiteout = match kind_of(&stat) {
             libc::S_IFCHR => stat.st_rdev == 0,
@@ -1501,9 +1499,8 @@ fn drop_whiteouts(parent: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResul
 /// Remove the whiteouts (all that a merged-empty directory holds in the
 /// upper) from the upper directory `name`, so it can be removed or replaced.
 fn clear_whiteouts(parent: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
-    let dir = sys::openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let handle = sys::dup(dir.as_fd())?;
-    for entry in sys::read_dir(dir)? {
+    let handle = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    for entry in sys::read_dir(handle.as_fd())? {
         let stat = sys::fstatat(handle.as_fd(), &entry.name)?;
         if kind_of(&stat) == libc::S_IFDIR {
             return Err(Errno::ENOTEMPTY);
