@@ -765,12 +765,6 @@ impl UnionFs {
 
     // ----- removing entries -----------------------------------------------
 
-    /// The node of an existing child, looked up and remembered; the caller
-    /// must `forget` it once (done by `with_child`).
-    fn child(&self, parent: u64, name: &OsStr) -> SysResult<Entry> {
-        self.lookup(parent, name)
-    }
-
     /// Put a whiteout at `name` in the upper directory `dir`, replacing
     /// whatever upper entry is there (atomically).
     fn whiteout(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
@@ -861,7 +855,7 @@ impl UnionFs {
 
     fn remove(&self, parent: u64, name: &OsStr, want_dir: bool) -> SysResult<()> {
         self.writable()?;
-        let child = self.child(parent, name)?;
+        let child = self.lookup(parent, name)?;
         let result = self.remove_child(parent, name, want_dir, child.ino);
         self.forget(child.ino, 1);
         result
@@ -940,8 +934,8 @@ impl UnionFs {
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return Err(Errno::EINVAL);
         }
-        let source = self.child(parent, name)?;
-        let target = match self.child(new_parent, new_name) {
+        let source = self.lookup(parent, name)?;
+        let target = match self.lookup(new_parent, new_name) {
             Ok(entry) => Some(entry),
             Err(Errno::ENOENT) => None,
             Err(err) => {
