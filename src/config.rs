@@ -74,6 +74,9 @@ pub struct MountConfig {
     /// Entry and attribute cache time given to the kernel.
     pub timeout: Duration,
     pub threads: usize,
+    /// Let the kernel read and write layer files itself (FUSE passthrough)
+    /// where it and the daemon's privileges allow: `passthrough=on|off`.
+    pub passthrough: bool,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
     /// Where to trace layer-changing events, if anywhere.
@@ -117,6 +120,7 @@ impl Default for MountConfig {
             exec: true,
             timeout: Duration::from_secs(3600),
             threads: 2,
+            passthrough: true,
             ignored: Vec::new(),
             trace: None,
             uids: IdMap::default(),
@@ -247,6 +251,18 @@ impl MountConfig {
                         return Err(ConfigError::BadValue {
                             option: key.into(),
                             reason: format!("{other:?} is not 0 or 1"),
+                        });
+                    }
+                }
+            }
+            "passthrough" => {
+                self.passthrough = match need(key, value)? {
+                    "on" => true,
+                    "off" => false,
+                    other => {
+                        return Err(ConfigError::BadValue {
+                            option: key.into(),
+                            reason: format!("{other:?} is not on or off"),
                         });
                     }
                 }

@@ -103,6 +103,7 @@ fn stats_json(fs: &UnionFs, mountpoint: &Path) -> serde_json::Value {
         "opaque_dirs": m.opaque_dirs.load(Ordering::Relaxed),
         "redirects": m.redirects.load(Ordering::Relaxed),
         "created": m.creates.load(Ordering::Relaxed),
+        "passthrough_opens": m.passthrough_opens.load(Ordering::Relaxed),
         "open_files": fs.open_files(),
         "cached_inodes": fs.cached_inodes(),
         "memory_bytes": rss,
@@ -129,6 +130,7 @@ fn stats_text(fs: &UnionFs, mountpoint: &Path) -> String {
     text += &format!("opaque dirs     {}\n", get(&m.opaque_dirs));
     text += &format!("redirects       {}\n", get(&m.redirects));
     text += &format!("created         {}\n", get(&m.creates));
+    text += &format!("passthrough     {} opens\n", get(&m.passthrough_opens));
     text += &format!("open files      {}\n", fs.open_files());
     text += &format!("cached inodes   {}\n", fs.cached_inodes());
     text += &format!("memory          {} (peak {})\n", human(rss), human(peak));

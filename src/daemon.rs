@@ -11,6 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::config::{self, MountConfig};
 use crate::fuse::StrataFuse;
 use crate::layers::{LayerStack, XattrNamespace};
+use crate::passthrough::Passthrough;
 use crate::sys;
 use crate::unionfs::{FsOptions, UnionFs};
 
@@ -47,7 +48,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         fs.whiteout_style()
     );
 
-    let adapter = || StrataFuse { fs: fs.clone(), ttl: config.timeout, parallel: config.threads > 1 };
+    let adapter = || StrataFuse {
+        fs: fs.clone(),
+        ttl: config.timeout,
+        parallel: config.threads > 1,
+        passthrough: Passthrough::new(config.passthrough),
+    };
     let mut fuse_config = Config::default();
     fuse_config.mount_options = mount_options(&config, fs.is_read_only());
     // As root, other users may use the mount (a container's processes are

@@ -15,6 +15,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::passthrough::{Answer, Passthrough};
 use crate::sys::{Errno, SetTime, Stat, SysResult};
 use crate::unionfs::{AttrChange, Caller, Entry, UnionFs};
 
@@ -27,6 +28,8 @@ pub struct StrataFuse {
     pub ttl: Duration,
     /// Several event loops run at once.
     pub parallel: bool,
+    /// Which opens the kernel serves itself.
+    pub passthrough: Passthrough,
 }
 
 /// How files are opened. KEEP_CACHE: a file keeps its page cache across
@@ -35,6 +38,8 @@ pub struct StrataFuse {
 /// (copy-up keeps the inode). NOFLUSH: close(2) sends no FLUSH, which would
 /// do nothing here (locks are the kernel's).
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+/// A passthrough open: the kernel ignores the page-cache flags then.
+const PASSTHROUGH_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// The one place where errors become FUSE replies.
 fn errno(err: Errno) -> FuseErrno {
@@ -111,6 +116,25 @@ fn set_time(value: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl StrataFuse {
+    /// How to answer an open of `ino` that the core gave `handle`:
+    /// passthrough to the layer file when the kernel allows it.
+    fn answer_open(
+        &self,
+        ino: u64,
+        handle: u64,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
+    ) -> SysResult<Answer> {
+        if !self.passthrough.is_enabled() {
+            return Ok(Answer::Flags(FILE_OPEN_FLAGS));
+        }
+        let candidate = self.fs.passthrough_candidate(handle);
+        let answer = self.passthrough.open(ino, handle, candidate.as_deref(), FILE_OPEN_FLAGS, register)?;
+        if matches!(answer, Answer::Passthrough(_)) {
+            crate::trace::Monitor::count(&self.fs.monitor.passthrough_opens, 1);
+        }
+        Ok(answer)
+    }
+
     fn entry(&self, reply: ReplyEntry, result: SysResult<Entry>) {
         match result {
             Ok(entry) => reply.entry_with_ttls(&self.ttl, &self.ttl, &attr(&entry.stat), Generation(0)),
@@ -146,6 +170,17 @@ impl Filesystem for StrataFuse {
             InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_DO_READDIRPLUS;
         if self.parallel {
             wanted |= InitFlags::FUSE_PARALLEL_DIROPS;
+        }
+        if self.passthrough.is_enabled() {
+            // Depth 1: the layers must not be on a stacked filesystem
+            // themselves, and the mount may still be a layer of the
+            // kernel's overlayfs.
+            let granted =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                log::info!("the kernel offers no FUSE passthrough; the daemon serves reads and writes");
+                self.passthrough.disable();
+            }
         }
         for flag in wanted.iter() {
             if config.add_capabilities(flag).is_err() {
@@ -255,9 +290,19 @@ impl Filesystem for StrataFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FILE_OPEN_FLAGS),
-            Err(err) => reply.error(errno(err)),
+        let handle = match self.fs.open(ino.0, flags.0) {
+            Ok(handle) => handle,
+            Err(err) => return reply.error(errno(err)),
+        };
+        match self.answer_open(ino.0, handle, |file| reply.open_backing(file)) {
+            Ok(Answer::Passthrough(backing)) => {
+                reply.opened_passthrough(FileHandle(handle), PASSTHROUGH_OPEN_FLAGS, &backing)
+            }
+            Ok(Answer::Flags(flags)) => reply.opened(FileHandle(handle), flags),
+            Err(err) => {
+                self.fs.release(handle);
+                reply.error(errno(err))
+            }
         }
     }
 
@@ -310,6 +355,7 @@ impl Filesystem for StrataFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.release(fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -419,15 +465,25 @@ impl Filesystem for StrataFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(parent.0, name, mode & !(umask & 0o777), flags, caller(req)) {
-            Ok((entry, handle)) => reply.created(
+        let (entry, handle) = match self.fs.create(parent.0, name, mode & !(umask & 0o777), flags, caller(req)) {
+            Ok(created) => created,
+            Err(err) => return reply.error(errno(err)),
+        };
+        let attr = attr(&entry.stat);
+        match self.answer_open(entry.ino, handle, |file| reply.open_backing(file)) {
+            Ok(Answer::Passthrough(backing)) => reply.created_passthrough(
                 &self.ttl,
-                &attr(&entry.stat),
+                &attr,
                 Generation(0),
                 FileHandle(handle),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                PASSTHROUGH_OPEN_FLAGS,
+                &backing,
             ),
-            Err(err) => reply.error(errno(err)),
+            Ok(Answer::Flags(flags)) => reply.created(&self.ttl, &attr, Generation(0), FileHandle(handle), flags),
+            Err(err) => {
+                self.fs.release(handle);
+                reply.error(errno(err))
+            }
         }
     }
 

@@ -19,6 +19,7 @@ mod import;
 mod inodes;
 mod inspect;
 mod layers;
+mod passthrough;
 mod store;
 mod sys;
 mod tarball;

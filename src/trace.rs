@@ -127,6 +127,8 @@ pub struct Monitor {
     pub opaque_dirs: AtomicU64,
     pub redirects: AtomicU64,
     pub creates: AtomicU64,
+    /// Opens the kernel serves itself (FUSE passthrough).
+    pub passthrough_opens: AtomicU64,
 }
 
 impl Monitor {
@@ -142,6 +144,7 @@ impl Monitor {
             opaque_dirs: AtomicU64::new(0),
             redirects: AtomicU64::new(0),
             creates: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
         }
     }
 

@@ -1198,6 +1198,18 @@ impl UnionFs {
         Ok(self.add_file(ino, file, on_lower))
     }
 
+    /// The layer file behind an open handle, for FUSE passthrough (which
+    /// hands it to the kernel for good): only when no copy-up can replace
+    /// it, that is unless it is a lower file of a writable mount.
+    pub fn passthrough_candidate(&self, handle: u64) -> Option<Arc<File>> {
+        let open = lock(&self.files).get(&handle).cloned()?;
+        if open.on_lower.load(Ordering::Relaxed) && !self.is_read_only() {
+            return None;
+        }
+        let file = lock(&open.file).clone();
+        Some(file)
+    }
+
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
         let file = self.file(handle)?;
         let mut buf = vec![0u8; size as usize];
