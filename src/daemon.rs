@@ -22,6 +22,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         log::warn!("option {option} is accepted but not implemented; ignoring it");
     }
     sys::raise_fd_limit();
+    // Large listings and tables go back to the system when dropped (see
+    // sys::set_malloc_mmap_threshold): the daemon's memory follows its caches.
+    sys::set_malloc_mmap_threshold(128 * 1024);
     // Rootless (a user namespace, or no CAP_SYS_ADMIN) cannot write
     // trusted.* xattrs: mark with user.overlay.*, as the kernel's userxattr.
     let namespace = match &config.work {
