@@ -74,6 +74,9 @@ pub struct MountConfig {
     /// Entry and attribute cache time given to the kernel.
     pub timeout: Duration,
     pub threads: usize,
+    /// How many inodes the daemon keeps at most (`inode_cache=N`); None: as
+    /// many as the kernel holds.
+    pub inode_cache: Option<usize>,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
     /// Where to trace layer-changing events, if anywhere.
@@ -117,6 +120,7 @@ impl Default for MountConfig {
             exec: true,
             timeout: Duration::from_secs(3600),
             threads: 2,
+            inode_cache: None,
             ignored: Vec::new(),
             trace: None,
             uids: IdMap::default(),
@@ -283,6 +287,12 @@ impl MountConfig {
                         option: key.into(),
                         reason: format!("{text:?} is not a thread count from 1 to 64"),
                     })?;
+            }
+            "inode_cache" => {
+                let text = need(key, value)?;
+                self.inode_cache = Some(text.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    ConfigError::BadValue { option: key.into(), reason: format!("{text:?} is not a count of inodes") }
+                })?);
             }
             "uidmapping" | "gidmapping" => {
                 let text = need(key, value)?;

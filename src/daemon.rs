@@ -156,6 +156,15 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             }
         }
     });
+    if let Some(cap) = config.inode_cache {
+        // The cap is enforced by asking the kernel to drop cold entries,
+        // through the session's notifier, from a thread of its own.
+        let notifier = session.notifier();
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            fs.enforce_inode_cap(cap, |parent, name| notifier.inval_entry(fuser::INodeNo(parent), name))
+        });
+    }
     let result = session.run();
     fs.sync();
     if let Some(dir) = &config.ephemeral {

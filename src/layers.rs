@@ -120,17 +120,15 @@ enum Probe {
     Entry { stat: Stat, opaque: bool, redirect: Option<Vec<u8>>, origin: Option<u64> },
 }
 
-/// One visible entry of a merged listing.
+/// One visible entry of a merged listing, by name (what `strata diff`,
+/// `commit` and `layers` need).
 #[derive(Clone, Debug)]
 pub struct ListEntry {
     pub name: OsString,
-    /// A libc::DT_* value.
-    pub kind: u8,
-    pub ino: u64,
 }
 
-/// A `ListEntry` whose name is shared with the cached listing it came
-/// from: the daemon keeps the listing of each open directory and a node
+/// One visible entry of a merged listing with its type and inode number,
+/// its name shared with the cached listing it came from: the daemon keeps the listing of each open directory and a node
 /// per looked-up name, and one copy of each name serves all of them (a
 /// directory of 100,000 files otherwise holds its names three times).
 #[derive(Clone, Debug)]
@@ -424,10 +422,7 @@ impl LayerStack {
     /// names hidden by whiteouts and every marker are left out.
     pub fn list(&self, sources: &[Source]) -> SysResult<Vec<ListEntry>> {
         let entries = self.list_shared(sources)?;
-        Ok(entries
-            .into_iter()
-            .map(|e| ListEntry { name: e.name.as_ref().to_owned(), kind: e.kind, ino: e.ino })
-            .collect())
+        Ok(entries.into_iter().map(|e| ListEntry { name: e.name.as_ref().to_owned() }).collect())
     }
 
     /// `list`, with names shared with the listing cache.

@@ -115,6 +115,10 @@ pub struct UnionFs {
     copy_locks: Vec<Mutex<()>>,
     /// Counters and trace subscribers.
     pub monitor: Monitor,
+    /// The inode cache cap, if any (`inode_cache=N`), and the flag and
+    /// condition variable that wake the thread enforcing it.
+    inode_cap: std::sync::OnceLock<usize>,
+    cap_wakeup: (Mutex<bool>, std::sync::Condvar),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +168,8 @@ impl UnionFs {
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
             monitor: Monitor::new(layer_count),
+            inode_cap: std::sync::OnceLock::new(),
+            cap_wakeup: (Mutex::new(false), std::sync::Condvar::new()),
         })
     }
 
@@ -181,6 +187,62 @@ impl UnionFs {
 
     pub fn cached_inodes(&self) -> usize {
         lock(&self.table).len()
+    }
+
+    /// Keep the inode table near `cap` nodes, for the life of the mount
+    /// (`inode_cache=N`; runs on a thread of its own). A node lives while
+    /// the kernel holds a lookup of it, so the table is shrunk by asking
+    /// the kernel, with `invalidate(parent, name)`, to drop the entries of
+    /// nodes not used lately: it then sends FORGET for those it does not
+    /// need (an open file or a directory in use stays, and that is fine).
+    /// The table goes down to 90% of the cap, so a walk does not invalidate
+    /// one entry per lookup. This must not run in a request handler: the
+    /// kernel may wait for a request to finish before it takes the
+    /// invalidation, and the table lock is never held across it.
+    pub fn enforce_inode_cap(&self, cap: usize, invalidate: impl Fn(u64, &OsStr) -> std::io::Result<()>) {
+        let _ = self.inode_cap.set(cap);
+        let low_water = cap - cap / 10;
+        loop {
+            {
+                let mut over = lock(&self.cap_wakeup.0);
+                while !*over {
+                    over = self.cap_wakeup.1.wait(over).unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                *over = false;
+            }
+            let before = self.cached_inodes();
+            let excess = before.saturating_sub(low_water);
+            // Right after a walk every node is marked used: the first turn
+            // of the clock only clears the marks.
+            let mut cold = lock(&self.table).cold(excess);
+            if cold.is_empty() {
+                cold = lock(&self.table).cold(excess);
+            }
+            for link in &cold {
+                // ENOENT: the kernel no longer has that entry; nothing to do.
+                if let Err(err) = invalidate(link.parent, &link.name)
+                    && err.raw_os_error() != Some(libc::ENOENT)
+                {
+                    log::debug!("cannot invalidate {:?} in {}: {err}", link.name, link.parent);
+                }
+            }
+            // FORGETs come back asynchronously: give them a moment before
+            // counting again, or the same excess would be evicted twice.
+            // Another pass follows at once only if this one freed nodes;
+            // otherwise (the kernel holds what is left) the next lookup
+            // over the cap starts it.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let after = self.cached_inodes();
+            if after > cap && after < before {
+                self.wake_inode_cap();
+            }
+        }
+    }
+
+    /// Tell `enforce_inode_cap` the table has grown past the cap.
+    fn wake_inode_cap(&self) {
+        *lock(&self.cap_wakeup.0) = true;
+        self.cap_wakeup.1.notify_one();
     }
 
     fn writable(&self) -> SysResult<()> {
@@ -376,7 +438,11 @@ impl UnionFs {
         node.lower_nlink = lower_nlink;
         node.nlink = nlink;
         table.remember(resolved.ino, node);
+        let over_cap = self.inode_cap.get().is_some_and(|cap| table.len() > *cap);
         drop(table);
+        if over_cap {
+            self.wake_inode_cap();
+        }
         Entry { ino: resolved.ino, stat: self.present(resolved.ino, stat) }
     }
 
