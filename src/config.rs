@@ -77,6 +77,9 @@ pub struct MountConfig {
     /// Let the kernel read and write layer files itself (FUSE passthrough)
     /// where it and the daemon's privileges allow: `passthrough=on|off`.
     pub passthrough: bool,
+    /// How many inodes the daemon keeps at most (`inode_cache=N`); None: as
+    /// many as the kernel holds.
+    pub inode_cache: Option<usize>,
     /// Options accepted but not acted on, said once at start-up.
     pub ignored: Vec<String>,
     /// Where to trace layer-changing events, if anywhere.
@@ -121,6 +124,7 @@ impl Default for MountConfig {
             timeout: Duration::from_secs(3600),
             threads: 2,
             passthrough: true,
+            inode_cache: None,
             ignored: Vec::new(),
             trace: None,
             uids: IdMap::default(),
@@ -299,6 +303,12 @@ impl MountConfig {
                         option: key.into(),
                         reason: format!("{text:?} is not a thread count from 1 to 64"),
                     })?;
+            }
+            "inode_cache" => {
+                let text = need(key, value)?;
+                self.inode_cache = Some(text.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    ConfigError::BadValue { option: key.into(), reason: format!("{text:?} is not a count of inodes") }
+                })?);
             }
             "uidmapping" | "gidmapping" => {
                 let text = need(key, value)?;

@@ -23,6 +23,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         log::warn!("option {option} is accepted but not implemented; ignoring it");
     }
     sys::raise_fd_limit();
+    // Large listings and tables go back to the system when dropped (see
+    // sys::set_malloc_mmap_threshold): the daemon's memory follows its caches.
+    sys::set_malloc_mmap_threshold(128 * 1024);
     // Rootless (a user namespace, or no CAP_SYS_ADMIN) cannot write
     // trusted.* xattrs: mark with user.overlay.*, as the kernel's userxattr.
     let namespace = match &config.work {
@@ -159,6 +162,15 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             }
         }
     });
+    if let Some(cap) = config.inode_cache {
+        // The cap is enforced by asking the kernel to drop cold entries,
+        // through the session's notifier, from a thread of its own.
+        let notifier = session.notifier();
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            fs.enforce_inode_cap(cap, |parent, name| notifier.inval_entry(fuser::INodeNo(parent), name))
+        });
+    }
     let result = session.run();
     fs.sync();
     if let Some(dir) = &config.ephemeral {

@@ -120,13 +120,30 @@ enum Probe {
     Entry { stat: Stat, opaque: bool, redirect: Option<Vec<u8>>, origin: Option<u64> },
 }
 
-/// One visible entry of a merged listing.
+/// One visible entry of a merged listing, by name (what `strata diff`,
+/// `commit` and `layers` need).
 #[derive(Clone, Debug)]
 pub struct ListEntry {
     pub name: OsString,
+}
+
+/// One visible entry of a merged listing with its type and inode number,
+/// its name shared with the cached listing it came from: the daemon keeps the listing of each open directory and a node
+/// per looked-up name, and one copy of each name serves all of them (a
+/// directory of 100,000 files otherwise holds its names three times).
+#[derive(Clone, Debug)]
+pub struct SharedEntry {
+    pub name: Arc<OsStr>,
     /// A libc::DT_* value.
     pub kind: u8,
     pub ino: u64,
+}
+
+impl SharedEntry {
+    /// "." or "..", which a directory snapshot starts with.
+    pub fn is_dot_or_dotdot(&self) -> bool {
+        matches!(self.name.as_bytes(), b"." | b"..")
+    }
 }
 
 pub struct LayerStack {
@@ -146,7 +163,7 @@ pub struct LayerStack {
 /// What one layer's copy of a directory lists, whiteouts already read.
 struct LayerListing {
     /// Visible entries of this layer.
-    entries: Vec<ListEntry>,
+    entries: Vec<SharedEntry>,
     /// Names this layer hides from itself and the layers below (whiteout
     /// entries: char 0/0 or xattr whiteouts).
     hidden: Vec<OsString>,
@@ -404,17 +421,34 @@ impl LayerStack {
     /// The merged listing of a directory made of `sources` (topmost first):
     /// names hidden by whiteouts and every marker are left out.
     pub fn list(&self, sources: &[Source]) -> SysResult<Vec<ListEntry>> {
-        let mut seen: HashSet<OsString> = HashSet::new();
-        let mut entries = Vec::new();
+        let entries = self.list_shared(sources)?;
+        Ok(entries.into_iter().map(|e| ListEntry { name: e.name.as_ref().to_owned() }).collect())
+    }
+
+    /// `list`, with names shared with the listing cache.
+    pub fn list_shared(&self, sources: &[Source]) -> SysResult<Vec<SharedEntry>> {
+        let mut listings = Vec::with_capacity(sources.len());
         for source in sources {
-            let Some(listing) = self.layer_listing(source)? else { continue };
-            seen.extend(listing.hidden.iter().cloned());
+            if let Some(listing) = self.layer_listing(source)? {
+                listings.push(listing);
+            }
+        }
+        if let [only] = listings.as_slice() {
+            // One layer (most directories): nothing to merge or hide.
+            return Ok(only.entries.clone());
+        }
+        // The names seen so far, borrowed from the listings (a set of
+        // copies would double a large directory's memory while it is read).
+        let mut seen: HashSet<&OsStr> = HashSet::new();
+        let mut entries = Vec::new();
+        for listing in &listings {
+            seen.extend(listing.hidden.iter().map(OsString::as_os_str));
             for entry in &listing.entries {
-                if seen.insert(entry.name.clone()) {
+                if seen.insert(&entry.name) {
                     entries.push(entry.clone());
                 }
             }
-            seen.extend(listing.hidden_below.iter().cloned());
+            seen.extend(listing.hidden_below.iter().map(OsString::as_os_str));
         }
         Ok(entries)
     }
@@ -472,7 +506,7 @@ impl LayerStack {
             {
                 stable = origin;
             }
-            listing.entries.push(ListEntry { name: entry.name, kind, ino: stable });
+            listing.entries.push(SharedEntry { name: entry.name.into(), kind, ino: stable });
         }
         let listing = Arc::new(listing);
         if cacheable {

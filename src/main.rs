@@ -184,6 +184,10 @@ struct MountArgs {
     /// Event loops serving the mount.
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep at most N inodes (as `-o inode_cache=N`): above it, the least
+    /// recently used ones the kernel does not need are dropped.
+    #[arg(long, value_name = "N")]
+    inode_cache: Option<usize>,
     /// Print each event that changes the layers (copy-up, whiteout, ...):
     /// to FILE, or to this terminal (the mount then stays in the foreground).
     /// `--trace=all` adds lookups on the terminal (a file named "all": `./all`).
@@ -281,6 +285,9 @@ fn mount(args: MountArgs) -> Result<(), String> {
     config.debug |= args.debug;
     if let Some(threads) = args.threads {
         config.threads = threads.clamp(1, 64);
+    }
+    if let Some(cap) = args.inode_cache {
+        config.inode_cache = Some(cap.max(1));
     }
     if let Some(target) = args.trace {
         let all = target.as_os_str() == "all";

@@ -571,6 +571,19 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Serve every allocation of `bytes` or more with its own mapping, for the
+/// life of the process. glibc starts at 128 KiB but raises the threshold to
+/// the size of each such block freed, so after the first large listing is
+/// dropped, later large blocks come from the heap, where freeing them
+/// leaves holes the process keeps; measured on a walk of 112,000 entries,
+/// this costs the daemon 85 bytes per cached inode. Setting it also stops
+/// the raising. (Not glibc, or an unknown parameter: a harmless no-op.)
+pub fn set_malloc_mmap_threshold(bytes: usize) {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only changes the allocator's tuning parameters.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
+}
+
 /// Raise the soft limit on open files to the hard limit (the daemon keeps
 /// lower directories open).
 pub fn raise_fd_limit() {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::idmap::IdMap;
-use crate::inodes::{InodeTable, Node, ROOT};
+use crate::inodes::{InodeTable, Lowers, Names, Node, ROOT};
 use crate::layers::{self, LayerStack, Source, XattrNamespace};
 use crate::sys::{self, Errno, SetTime, Stat, SysResult, XattrTarget};
 use crate::trace::{Event, Monitor};
@@ -73,12 +73,7 @@ pub struct AttrChange {
 }
 
 /// One entry of a directory snapshot taken at opendir.
-#[derive(Clone, Debug)]
-pub struct DirItem {
-    pub ino: u64,
-    pub kind: u8,
-    pub name: OsString,
-}
+pub type DirItem = layers::SharedEntry;
 
 struct OpenFile {
     ino: u64,
@@ -120,6 +115,10 @@ pub struct UnionFs {
     copy_locks: Vec<Mutex<()>>,
     /// Counters and trace subscribers.
     pub monitor: Monitor,
+    /// The inode cache cap, if any (`inode_cache=N`), and the flag and
+    /// condition variable that wake the thread enforcing it.
+    inode_cap: std::sync::OnceLock<usize>,
+    cap_wakeup: (Mutex<bool>, std::sync::Condvar),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,17 +148,13 @@ impl UnionFs {
         };
         let root_sources = stack.root_sources();
         let layer_count = stack.layers.len();
-        let root = Node {
-            names: Vec::new(),
-            kind: libc::S_IFDIR,
-            in_upper: stack.has_upper,
-            lowers: root_sources.into_iter().filter(|s| !stack.is_upper(s.layer)).collect(),
-            indexed: false,
-            lower_nlink: 0,
-            nlink: None,
-            no_xattrs: false,
-            lookups: 1,
-        };
+        let mut root = Node::new(
+            Names::default(),
+            libc::S_IFDIR,
+            stack.has_upper,
+            Lowers::dirs(root_sources.iter().filter(|s| !stack.is_upper(s.layer))),
+        );
+        root.lookups = 1;
         Ok(UnionFs {
             stack,
             options,
@@ -173,6 +168,8 @@ impl UnionFs {
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
             monitor: Monitor::new(layer_count),
+            inode_cap: std::sync::OnceLock::new(),
+            cap_wakeup: (Mutex::new(false), std::sync::Condvar::new()),
         })
     }
 
@@ -190,6 +187,62 @@ impl UnionFs {
 
     pub fn cached_inodes(&self) -> usize {
         lock(&self.table).len()
+    }
+
+    /// Keep the inode table near `cap` nodes, for the life of the mount
+    /// (`inode_cache=N`; runs on a thread of its own). A node lives while
+    /// the kernel holds a lookup of it, so the table is shrunk by asking
+    /// the kernel, with `invalidate(parent, name)`, to drop the entries of
+    /// nodes not used lately: it then sends FORGET for those it does not
+    /// need (an open file or a directory in use stays, and that is fine).
+    /// The table goes down to 90% of the cap, so a walk does not invalidate
+    /// one entry per lookup. This must not run in a request handler: the
+    /// kernel may wait for a request to finish before it takes the
+    /// invalidation, and the table lock is never held across it.
+    pub fn enforce_inode_cap(&self, cap: usize, invalidate: impl Fn(u64, &OsStr) -> std::io::Result<()>) {
+        let _ = self.inode_cap.set(cap);
+        let low_water = cap - cap / 10;
+        loop {
+            {
+                let mut over = lock(&self.cap_wakeup.0);
+                while !*over {
+                    over = self.cap_wakeup.1.wait(over).unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                *over = false;
+            }
+            let before = self.cached_inodes();
+            let excess = before.saturating_sub(low_water);
+            // Right after a walk every node is marked used: the first turn
+            // of the clock only clears the marks.
+            let mut cold = lock(&self.table).cold(excess);
+            if cold.is_empty() {
+                cold = lock(&self.table).cold(excess);
+            }
+            for link in &cold {
+                // ENOENT: the kernel no longer has that entry; nothing to do.
+                if let Err(err) = invalidate(link.parent, &link.name)
+                    && err.raw_os_error() != Some(libc::ENOENT)
+                {
+                    log::debug!("cannot invalidate {:?} in {}: {err}", link.name, link.parent);
+                }
+            }
+            // FORGETs come back asynchronously: give them a moment before
+            // counting again, or the same excess would be evicted twice.
+            // Another pass follows at once only if this one freed nodes;
+            // otherwise (the kernel holds what is left) the next lookup
+            // over the cap starts it.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let after = self.cached_inodes();
+            if after > cap && after < before {
+                self.wake_inode_cap();
+            }
+        }
+    }
+
+    /// Tell `enforce_inode_cap` the table has grown past the cap.
+    fn wake_inode_cap(&self) {
+        *lock(&self.cap_wakeup.0) = true;
+        self.cap_wakeup.1.notify_one();
     }
 
     fn writable(&self) -> SysResult<()> {
@@ -217,13 +270,14 @@ impl UnionFs {
         if node.in_upper {
             sources.push(Source { layer: 0, path: table.path(ino)? });
         }
-        sources.extend(node.lowers.iter().cloned());
+        sources.extend(node.lowers.sources());
         Ok(sources)
     }
 
     /// Where the node's visible copy is: a layer and a path in it.
     fn location(&self, ino: u64) -> SysResult<Location> {
-        let table = lock(&self.table);
+        let mut table = lock(&self.table);
+        table.touch(ino); // for the inode cache's eviction clock
         let node = table.get(ino)?;
         if node.indexed {
             // A hard link copied up: its index entry is the inode every
@@ -232,7 +286,7 @@ impl UnionFs {
         } else if node.in_upper {
             Ok(Location::Layer(Source { layer: 0, path: table.path(ino)? }))
         } else {
-            node.lowers.first().cloned().map(Location::Layer).ok_or(Errno::ENOENT)
+            node.lowers.first().map(Location::Layer).ok_or(Errno::ENOENT)
         }
     }
 
@@ -346,15 +400,13 @@ impl UnionFs {
     }
 
     fn remember(&self, parent: u64, name: &OsStr, resolved: layers::Resolved) -> Entry {
+        self.remember_shared(parent, Arc::from(name), resolved)
+    }
+
+    /// `remember`, keeping a name already shared (with a directory listing).
+    fn remember_shared(&self, parent: u64, name: Arc<OsStr>, resolved: layers::Resolved) -> Entry {
         let in_upper = self.stack.is_upper(resolved.top.layer);
         let is_dir = resolved.is_dir();
-        let lowers: Vec<Source> = if is_dir {
-            resolved.dir_sources.iter().filter(|s| !self.stack.is_upper(s.layer)).cloned().collect()
-        } else if in_upper {
-            Vec::new()
-        } else {
-            vec![resolved.top.clone()]
-        };
         let mut stat = resolved.stat;
         let mut indexed = false;
         let mut nlink = None;
@@ -373,18 +425,24 @@ impl UnionFs {
                 nlink = self.read_nlink(resolved.ino);
             }
         }
-        let node = Node {
-            names: vec![(parent, name.to_owned())],
-            kind: kind_of(&resolved.stat),
-            in_upper,
-            lowers,
-            indexed,
-            lower_nlink,
-            nlink,
-            no_xattrs: false,
-            lookups: 0,
+        let mut table = lock(&self.table);
+        let lowers = if is_dir {
+            Lowers::dirs(resolved.dir_sources.iter().filter(|s| !self.stack.is_upper(s.layer)))
+        } else if in_upper {
+            Lowers::None
+        } else {
+            table.lower_entry(parent, &name, &resolved.top)
         };
-        lock(&self.table).remember(resolved.ino, node);
+        let mut node = Node::new(Names::one(parent, name), kind_of(&resolved.stat), in_upper, lowers);
+        node.indexed = indexed;
+        node.lower_nlink = lower_nlink;
+        node.nlink = nlink;
+        table.remember(resolved.ino, node);
+        let over_cap = self.inode_cap.get().is_some_and(|cap| table.len() > *cap);
+        drop(table);
+        if over_cap {
+            self.wake_inode_cap();
+        }
         Entry { ino: resolved.ino, stat: self.present(resolved.ino, stat) }
     }
 
@@ -504,7 +562,7 @@ impl UnionFs {
         let (in_upper, parent) = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
-            (node.in_upper, node.names.first().map(|(p, _)| *p))
+            (node.in_upper, node.names.first().map(|link| link.parent))
         };
         if in_upper {
             return Ok(());
@@ -519,8 +577,8 @@ impl UnionFs {
             if node.in_upper {
                 return Ok(()); // another thread finished it while we waited
             }
-            let (_, name) = node.names.first().ok_or(Errno::ENOENT)?.clone();
-            let source = node.lowers.first().cloned().ok_or(Errno::ENOENT)?;
+            let name = node.names.first().ok_or(Errno::ENOENT)?.name.to_os_string();
+            let source = node.lowers.first().ok_or(Errno::ENOENT)?;
             (source, node.indexed, node.kind, name, node.lower_nlink)
         };
         let upper_parent = self.upper_dir(parent)?;
@@ -615,7 +673,7 @@ impl UnionFs {
     fn lower_has(&self, parent: u64, name: &OsStr) -> SysResult<bool> {
         let lowers = {
             let table = lock(&self.table);
-            table.get(parent)?.lowers.clone()
+            table.get(parent)?.lowers.sources().collect::<Vec<_>>()
         };
         Ok(self.stack.lookup(&lowers, name)?.is_some())
     }
@@ -892,7 +950,7 @@ impl UnionFs {
             }
             sys::unlinkat(upper_parent.as_fd(), name, is_dir)?;
         }
-        lock(&self.table).remove_name(ino, parent, &name.to_owned());
+        lock(&self.table).remove_name(ino, parent, name);
         if !is_dir {
             self.adjust_nlink(ino, -1)?;
         }
@@ -1004,9 +1062,9 @@ impl UnionFs {
             }
             sys::renameat2(old_dir.as_fd(), name, new_dir.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
             let mut table = lock(&self.table);
-            table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+            table.rename(ino, (parent, name), (new_parent, new_name));
             if let Some(target) = target {
-                table.rename(target, (new_parent, &new_name.to_owned()), (parent, name.to_owned()));
+                table.rename(target, (new_parent, new_name), (parent, name));
             }
             return Ok(());
         }
@@ -1040,9 +1098,9 @@ impl UnionFs {
         {
             let mut table = lock(&self.table);
             if let Some(target) = target {
-                table.remove_name(target, new_parent, &new_name.to_owned());
+                table.remove_name(target, new_parent, new_name);
             }
-            table.rename(ino, (parent, &name.to_owned()), (new_parent, new_name.to_owned()));
+            table.rename(ino, (parent, name), (new_parent, new_name));
         }
         if let Some(target) = target {
             self.adjust_nlink(target, -1)?;
@@ -1059,7 +1117,7 @@ impl UnionFs {
             if ino == ROOT {
                 return Ok(false);
             }
-            ino = table.get(ino)?.names.first().map(|(p, _)| *p).ok_or(Errno::ENOENT)?;
+            ino = table.get(ino)?.names.first().map(|link| link.parent).ok_or(Errno::ENOENT)?;
         }
     }
 
@@ -1081,7 +1139,7 @@ impl UnionFs {
         let (is_dir, lower_path) = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
-            (node.is_dir(), node.lowers.first().map(|s| s.path.clone()))
+            (node.is_dir(), node.lowers.first().map(|s| s.path))
         };
         if is_dir && lower_path.is_some() && self.stack.namespace == XattrNamespace::User {
             // With user.* markers the kernel's overlayfs follows no
@@ -1109,7 +1167,7 @@ impl UnionFs {
     /// mark it opaque: it no longer needs its lower copies.
     fn copy_up_tree(&self, ino: u64) -> SysResult<()> {
         self.copy_up(ino, false)?;
-        for item in self.list_dir(ino)?.iter().filter(|item| item.name != "." && item.name != "..") {
+        for item in self.list_dir(ino)?.iter().filter(|item| !item.is_dot_or_dotdot()) {
             let child = self.lookup(ino, &item.name)?;
             let result = if kind_of(&child.stat) == libc::S_IFDIR {
                 self.copy_up_tree(child.ino)
@@ -1126,7 +1184,7 @@ impl UnionFs {
         // only show up as device files to the kernel's readdir.
         drop_whiteouts(parent.as_fd(), name)?;
         self.mark_opaque(parent.as_fd(), name)?;
-        lock(&self.table).get_mut(ino)?.lowers.clear();
+        lock(&self.table).get_mut(ino)?.lowers = Lowers::None;
         Ok(())
     }
 
@@ -1276,14 +1334,12 @@ impl UnionFs {
 
     fn list_dir(&self, ino: u64) -> SysResult<Vec<DirItem>> {
         let sources = self.dir_sources(ino)?;
-        let parent = lock(&self.table).get(ino)?.names.first().map(|(p, _)| *p).unwrap_or(ROOT);
-        let mut items = vec![
-            DirItem { ino, kind: libc::DT_DIR, name: ".".into() },
-            DirItem { ino: parent, kind: libc::DT_DIR, name: "..".into() },
-        ];
-        for entry in self.stack.list(&sources)? {
-            items.push(DirItem { ino: entry.ino, kind: entry.kind, name: entry.name });
-        }
+        let parent = lock(&self.table).get(ino)?.names.first().map(|link| link.parent).unwrap_or(ROOT);
+        let listed = self.stack.list_shared(&sources)?;
+        let mut items = Vec::with_capacity(listed.len() + 2);
+        items.push(DirItem { ino, kind: libc::DT_DIR, name: Arc::from(OsStr::new(".")) });
+        items.push(DirItem { ino: parent, kind: libc::DT_DIR, name: Arc::from(OsStr::new("..")) });
+        items.extend(listed);
         Ok(items)
     }
 
@@ -1315,7 +1371,7 @@ impl UnionFs {
         let mut own: Option<Entry> = None;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
-            if item.name == "." || item.name == ".." {
+            if item.is_dot_or_dotdot() {
                 let entry = match own {
                     Some(entry) => entry,
                     None => *own.insert(Entry { ino: dir.ino, stat: self.getattr(dir.ino, None)? }),
@@ -1327,7 +1383,7 @@ impl UnionFs {
             }
             let Some(resolved) = self.resolve(dir.ino, &item.name)? else { continue };
             let layer = resolved.top.layer;
-            let entry = self.remember(dir.ino, &item.name, resolved);
+            let entry = self.remember_shared(dir.ino, item.name.clone(), resolved);
             if add(next, item, &entry) {
                 self.forget(entry.ino, 1); // it did not fit: not handed out
                 break;
