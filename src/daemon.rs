@@ -105,7 +105,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         };
         fs.monitor.subscribe(sink, trace.format, trace.lookups);
     }
-    let socket = runtime_path(&config.mountpoint, "sock");
+    // One read of the mount table names both runtime files (it can be
+    // long on a busy host, and the caller waits for it).
+    let (record, socket) = match runtime_path(&config.mountpoint, "mount") {
+        Some(record) => (Some(record.clone()), Some(record.with_extension("sock"))),
+        None => (None, None),
+    };
     let listener = socket.as_ref().and_then(|path| match crate::control::listen(path) {
         Ok(listener) => Some(listener),
         Err(err) => {
@@ -114,7 +119,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         }
     });
     if config.foreground {
-        write_record(&config, std::process::id() as i32);
+        write_record(&config, record.as_deref(), std::process::id() as i32);
     } else {
         // The mount is live: the kernel queues requests until the child
         // reads them. The parent leaves without unmounting (no destructors).
@@ -127,13 +132,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
                 let _ = std::env::set_current_dir("/");
             }
             Ok(child) => {
-                write_record(&config, child);
+                write_record(&config, record.as_deref(), child);
                 exit_leaving_the_mount()
             }
             Err(err) => return Err(format!("cannot fork the daemon: {err}")),
         }
     }
-    let record = record_path(&config.mountpoint);
     if let Some(listener) = listener {
         crate::control::serve(fs.clone(), listener, &config.mountpoint);
     }
@@ -324,13 +328,12 @@ impl MountRecord {
     }
 }
 
-fn write_record(config: &MountConfig, pid: i32) -> Option<PathBuf> {
-    let path = record_path(&config.mountpoint)?;
+fn write_record(config: &MountConfig, path: Option<&Path>, pid: i32) -> Option<()> {
+    let path = path?;
     let record =
         MountRecord { pid, upper: config.upper.clone(), work: config.work.clone(), lowers: config.lowers.clone() };
     std::fs::create_dir_all(path.parent()?).ok()?;
-    std::fs::write(&path, record.to_text()).ok()?;
-    Some(path)
+    std::fs::write(path, record.to_text()).ok()
 }
 
 /// `strata umount`: unmount and wait for the daemon to finish.
