@@ -1,6 +1,7 @@
 //! The mount's life: mount, detach once the mount is live, serve until
 //! unmounted or signalled, then flush and leave no trace.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,7 +119,15 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             None
         }
     });
+    // Before the serving threads start (after the fork: a child's table is
+    // only as large as the descriptors it inherits).
+    let reserve_descriptors = || {
+        if let Ok(root) = std::fs::File::open("/") {
+            sys::reserve_descriptors(root.as_fd(), fs.stack.descriptors_held_at_most() + DESCRIPTORS_FOR_REQUESTS);
+        }
+    };
     if config.foreground {
+        reserve_descriptors();
         write_record(&config, record.as_deref(), std::process::id() as i32);
     } else {
         // The mount is live: the kernel queues requests until the child
@@ -130,6 +139,7 @@ pub fn run(config: MountConfig) -> Result<(), String> {
                 // Do not keep the caller's directory (perhaps inside another
                 // mount) busy for the life of the daemon.
                 let _ = std::env::set_current_dir("/");
+                reserve_descriptors();
             }
             Ok(child) => {
                 write_record(&config, record.as_deref(), child);
@@ -180,6 +190,10 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     }
     result.map_err(|err| format!("serving the mount failed: {err}"))
 }
+
+/// Descriptors reserved beyond the layer stack's own: files and
+/// directories the mount's users hold open, copy-ups in progress.
+const DESCRIPTORS_FOR_REQUESTS: usize = 1024;
 
 fn exit_leaving_the_mount() -> ! {
     // std::process::exit runs no destructors: nothing of the session the

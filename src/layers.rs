@@ -193,6 +193,12 @@ impl LayerStack {
         })
     }
 
+    /// How many descriptors the stack may hold at once: one per layer root
+    /// and the cache of lower directories.
+    pub fn descriptors_held_at_most(&self) -> usize {
+        self.layers.len() + LOWER_DIR_CACHE
+    }
+
     pub fn is_upper(&self, layer: LayerId) -> bool {
         self.has_upper && layer == 0
     }
