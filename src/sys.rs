@@ -293,8 +293,9 @@ pub struct XattrTarget<'a> {
     /// which names exactly the file the descriptor was opened on.
     follow: bool,
     dir: BorrowedFd<'a>,
-    /// The name in `dir` for the *xattrat calls; empty for `dir` itself
-    /// (AT_EMPTY_PATH, which any descriptor takes, O_PATH too).
+    /// The name in `dir` for the *xattrat calls; "." for `dir` itself (an
+    /// empty name with AT_EMPTY_PATH would refuse O_PATH descriptors with
+    /// EBADF, while a lookup of "." takes them).
     name: CString,
 }
 
@@ -349,20 +350,15 @@ impl<'a> XattrTarget<'a> {
     }
 
     /// The target is the directory the descriptor itself refers to (an
-    /// O_PATH descriptor cannot take f*xattr calls, so its magic link is
-    /// followed instead; never use this for a symlink).
+    /// O_PATH descriptor cannot take f*xattr calls, so "." is looked up in
+    /// it, or its magic link followed; never use this for a symlink).
     pub fn fd(fd: BorrowedFd<'a>) -> Self {
-        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, dir: fd, name: CString::default() }
+        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, dir: fd, name: c".".to_owned() }
     }
 
-    /// The flags of the *xattrat calls: the name is never followed; an
-    /// empty name is the descriptor itself.
+    /// The flags of the *xattrat calls: the name is never followed.
     fn at_flags(&self) -> libc::c_uint {
-        let mut flags = libc::AT_SYMLINK_NOFOLLOW;
-        if self.name.is_empty() {
-            flags |= libc::AT_EMPTY_PATH;
-        }
-        flags as libc::c_uint
+        libc::AT_SYMLINK_NOFOLLOW as libc::c_uint
     }
 
     /// Run an *xattrat call; None when this system does not offer it, and
@@ -373,9 +369,16 @@ impl<'a> XattrTarget<'a> {
             return None;
         }
         let ret = call();
-        if ret < 0 && matches!(Errno::last(), Errno::ENOSYS | Errno::EPERM) {
-            XATTR_AT_CALLS.store(false, Ordering::Relaxed);
-            return None;
+        if ret < 0 {
+            match Errno::last() {
+                Errno::ENOSYS | Errno::EPERM => {
+                    XATTR_AT_CALLS.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                // `fd()` of something other than a directory has no ".".
+                Errno::ENOTDIR if self.follow => return None,
+                _ => {}
+            }
         }
         Some(ret as libc::ssize_t)
     }
