@@ -367,16 +367,26 @@ impl MountConfig {
                 return Err(ConfigError::DifferentFilesystems { upper: upper.clone(), work: work.clone() });
             }
         }
+        // No place may be inside another (nor be the same), but two lower
+        // layers may nest or repeat (it is odd but harmless). So a lower
+        // layer is compared with the few other places only, never with the
+        // other lowers: the work grows with the number of layers, not with
+        // its square. The order, and so the pair named, is the places' order.
         let mut places: Vec<(&'static str, &PathBuf)> = Vec::new();
         places.extend(self.upper.iter().map(|p| ("upper directory", p)));
         places.extend(self.work.iter().map(|p| ("work directory", p)));
         places.extend(self.lowers.iter().map(|p| ("lower layer", p)));
         places.push(("mount point", &self.mountpoint));
+        let not_lowers: Vec<(usize, &(&'static str, &PathBuf))> =
+            places.iter().enumerate().filter(|(_, (what, _))| *what != "lower layer").collect();
         for (i, (inner_what, inner)) in places.iter().enumerate() {
-            for (j, (outer_what, outer)) in places.iter().enumerate() {
-                // Two lower layers may nest or repeat (it is odd but harmless).
-                let both_lower = *inner_what == "lower layer" && *outer_what == "lower layer";
-                if i != j && !both_lower && inner.starts_with(outer) {
+            let outers: Box<dyn Iterator<Item = (usize, &(&'static str, &PathBuf))>> = if *inner_what == "lower layer" {
+                Box::new(not_lowers.iter().copied())
+            } else {
+                Box::new(places.iter().enumerate())
+            };
+            for (j, (outer_what, outer)) in outers {
+                if i != j && inner.starts_with(outer) {
                     return Err(ConfigError::Nested {
                         inner_what,
                         inner: (*inner).clone(),

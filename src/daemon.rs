@@ -1,6 +1,7 @@
 //! The mount's life: mount, detach once the mount is live, serve until
 //! unmounted or signalled, then flush and leave no trace.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,7 +115,12 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         };
         fs.monitor.subscribe(sink, trace.format, trace.lookups);
     }
-    let socket = runtime_path(&config.mountpoint, "sock");
+    // One read of the mount table names both runtime files (it can be
+    // long on a busy host, and the caller waits for it).
+    let (record, socket) = match runtime_path(&config.mountpoint, "mount") {
+        Some(record) => (Some(record.clone()), Some(record.with_extension("sock"))),
+        None => (None, None),
+    };
     let listener = socket.as_ref().and_then(|path| match crate::control::listen(path) {
         Ok(listener) => Some(listener),
         Err(err) => {
@@ -122,8 +128,16 @@ pub fn run(config: MountConfig) -> Result<(), String> {
             None
         }
     });
+    // Before the serving threads start (after the fork: a child's table is
+    // only as large as the descriptors it inherits).
+    let reserve_descriptors = || {
+        if let Ok(root) = std::fs::File::open("/") {
+            sys::reserve_descriptors(root.as_fd(), fs.stack.descriptors_held_at_most() + DESCRIPTORS_FOR_REQUESTS);
+        }
+    };
     if config.foreground {
-        write_record(&config, std::process::id() as i32);
+        reserve_descriptors();
+        write_record(&config, record.as_deref(), std::process::id() as i32);
     } else {
         // The mount is live: the kernel queues requests until the child
         // reads them. The parent leaves without unmounting (no destructors).
@@ -134,15 +148,15 @@ pub fn run(config: MountConfig) -> Result<(), String> {
                 // Do not keep the caller's directory (perhaps inside another
                 // mount) busy for the life of the daemon.
                 let _ = std::env::set_current_dir("/");
+                reserve_descriptors();
             }
             Ok(child) => {
-                write_record(&config, child);
+                write_record(&config, record.as_deref(), child);
                 exit_leaving_the_mount()
             }
             Err(err) => return Err(format!("cannot fork the daemon: {err}")),
         }
     }
-    let record = record_path(&config.mountpoint);
     if let Some(listener) = listener {
         crate::control::serve(fs.clone(), listener, &config.mountpoint);
     }
@@ -194,6 +208,10 @@ pub fn run(config: MountConfig) -> Result<(), String> {
     }
     result.map_err(|err| format!("serving the mount failed: {err}"))
 }
+
+/// Descriptors reserved beyond the layer stack's own: files and
+/// directories the mount's users hold open, copy-ups in progress.
+const DESCRIPTORS_FOR_REQUESTS: usize = 1024;
 
 fn exit_leaving_the_mount() -> ! {
     // std::process::exit runs no destructors: nothing of the session the
@@ -342,13 +360,12 @@ impl MountRecord {
     }
 }
 
-fn write_record(config: &MountConfig, pid: i32) -> Option<PathBuf> {
-    let path = record_path(&config.mountpoint)?;
+fn write_record(config: &MountConfig, path: Option<&Path>, pid: i32) -> Option<()> {
+    let path = path?;
     let record =
         MountRecord { pid, upper: config.upper.clone(), work: config.work.clone(), lowers: config.lowers.clone() };
     std::fs::create_dir_all(path.parent()?).ok()?;
-    std::fs::write(&path, record.to_text()).ok()?;
-    Some(path)
+    std::fs::write(path, record.to_text()).ok()
 }
 
 /// `strata umount`: unmount and wait for the daemon to finish.

@@ -210,6 +210,12 @@ impl LayerStack {
         })
     }
 
+    /// How many descriptors the stack may hold at once: one per layer root
+    /// and the cache of lower directories.
+    pub fn descriptors_held_at_most(&self) -> usize {
+        self.layers.len() + LOWER_DIR_CACHE
+    }
+
     pub fn is_upper(&self, layer: LayerId) -> bool {
         self.has_upper && layer == 0
     }
@@ -260,16 +266,13 @@ impl LayerStack {
     }
 
     /// The sources of the merged root: every layer's root down to the first
-    /// opaque one.
+    /// opaque one. The roots are open already, so this costs two system
+    /// calls a layer (one listxattr, one stat of the OCI marker).
     pub fn root_sources(&self) -> Vec<Source> {
         let mut sources = Vec::new();
-        for layer in 0..self.layers.len() {
+        for (layer, Layer { root, .. }) in self.layers.iter().enumerate() {
             sources.push(Source { layer, path: PathBuf::new() });
-            let opaque = self
-                .open_dir(layer, Path::new(""), libc::O_PATH)
-                .map(|fd| self.dir_is_opaque_fd(fd.as_fd()))
-                .unwrap_or(false);
-            if opaque {
+            if self.dir_is_opaque_fd(root.as_fd()) {
                 break;
             }
         }
@@ -283,13 +286,18 @@ impl LayerStack {
         // A redirect on a directory changes where layers below it are searched.
         let mut redirected: Option<PathBuf> = None;
         let mut lookup_name: OsString = name.to_owned();
+        // `parent` is in layer order: walk it alongside the layers, so a
+        // layer without this directory costs nothing (not even a search).
+        let mut parent_sources = parent.iter().peekable();
         for layer in first.layer..self.layers.len() {
+            while parent_sources.next_if(|s| s.layer < layer).is_some() {}
+            let in_parent = parent_sources.next_if(|s| s.layer == layer);
             let (dir_path, entry_name) = match &redirected {
                 Some(abs) => match (abs.parent(), abs.file_name()) {
                     (Some(dir), Some(file)) => (dir.to_owned(), file.to_owned()),
                     _ => break,
                 },
-                None => match parent.iter().find(|s| s.layer == layer) {
+                None => match in_parent {
                     Some(source) => (source.path.clone(), lookup_name.clone()),
                     None => continue,
                 },
@@ -350,14 +358,20 @@ impl LayerStack {
 
     /// What layer `layer` holds as `name` in its directory `dir_path`.
     fn probe(&self, layer: LayerId, dir_path: &Path, name: &OsStr) -> SysResult<Probe> {
-        let dir = match self.dir_handle(layer, dir_path) {
-            Ok(dir) => dir,
-            // The directory is not in this layer, or a symlink stands where a
-            // directory should be: a symlink is never followed.
-            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => return Ok(Probe::Missing),
-            Err(err) => return Err(err),
+        let handle;
+        let dir = if dir_path.as_os_str().is_empty() {
+            // The layer's root is open for the life of the stack.
+            self.layers[layer].root.as_fd()
+        } else {
+            handle = match self.dir_handle(layer, dir_path) {
+                Ok(dir) => dir,
+                // The directory is not in this layer, or a symlink stands where a
+                // directory should be: a symlink is never followed.
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => return Ok(Probe::Missing),
+                Err(err) => return Err(err),
+            };
+            handle.as_fd()
         };
-        let dir = dir.as_fd();
         let stat = match sys::fstatat(dir, name) {
             Ok(stat) => stat,
             Err(Errno::ENOENT) => {
@@ -415,7 +429,9 @@ impl LayerStack {
     }
 
     fn dir_is_opaque_fd(&self, dir: BorrowedFd<'_>) -> bool {
-        opaque_by_xattr(&XattrTarget::fd(dir)) || sys::exists_at(dir, OsStr::new(OPAQUE_MARKER)).unwrap_or(false)
+        // One listxattr answers for the usual directory without any marker.
+        let marked = Marks::read(&XattrTarget::fd(dir), self.namespace).is_ok_and(|marks| marks.opaque);
+        marked || sys::exists_at(dir, OsStr::new(OPAQUE_MARKER)).unwrap_or(false)
     }
 
     /// The merged listing of a directory made of `sources` (topmost first):
@@ -551,15 +567,6 @@ fn has_xattr_whiteouts(dir: &XattrTarget<'_>) -> bool {
     [XattrNamespace::Trusted, XattrNamespace::User]
         .iter()
         .any(|ns| matches!(dir.get_opt(&ns.overlay("opaque")), Ok(Some(v)) if v == b"x"))
-}
-
-fn opaque_by_xattr(xattrs: &XattrTarget<'_>) -> bool {
-    let marks = [
-        XattrNamespace::Trusted.overlay("opaque"),
-        XattrNamespace::User.overlay("opaque"),
-        OsString::from("user.fuseoverlayfs.opaque"),
-    ];
-    marks.iter().any(|mark| matches!(xattrs.get_opt(mark), Ok(Some(v)) if v == b"y"))
 }
 
 /// The DT_* value for a st_mode.

@@ -280,31 +280,131 @@ fn proc_fd_path(fd: RawFd, name: Option<&OsStr>) -> CString {
 }
 
 /// Extended attributes of `name` in `dir`, without following a final symlink.
-/// The directory is reached through its /proc/self/fd magic link, which names
-/// the directory itself; `name` is one component and is not followed.
+///
+/// On Linux 6.13 and later the attributes are read with getxattrat and
+/// listxattrat, relative to `dir`: one lookup of `name`. Elsewhere (an older
+/// kernel, or a seccomp filter that refuses the calls) the directory is
+/// reached through its /proc/self/fd magic link, which names the directory
+/// itself, and `name` is looked up in it; that walk through procfs costs
+/// several lookups more. `name` is one component and is not followed.
 pub struct XattrTarget<'a> {
     path: CString,
     /// Follow the final component: only for a descriptor's own magic link,
     /// which names exactly the file the descriptor was opened on.
     follow: bool,
-    _dir: BorrowedFd<'a>,
+    dir: BorrowedFd<'a>,
+    /// The name in `dir` for the *xattrat calls; "." for `dir` itself (an
+    /// empty name with AT_EMPTY_PATH would refuse O_PATH descriptors with
+    /// EBADF, while a lookup of "." takes them).
+    name: CString,
+}
+
+/// getxattrat and listxattrat: the same number on every architecture that
+/// has the unified system call table (all but alpha, mips and ia64).
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "x86",
+    target_arch = "arm",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+))]
+mod xattr_at {
+    pub const GETXATTRAT: libc::c_long = 464;
+    pub const LISTXATTRAT: libc::c_long = 465;
+}
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "x86",
+    target_arch = "arm",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+)))]
+mod xattr_at {
+    // No known number: ENOSYS sends every call down the /proc path.
+    pub const GETXATTRAT: libc::c_long = -1;
+    pub const LISTXATTRAT: libc::c_long = -1;
+}
+
+/// Whether the *xattrat calls may be tried; cleared by the first ENOSYS
+/// (kernel before 6.13) or EPERM (a seccomp filter that does not know them).
+static XATTR_AT_CALLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The kernel's `struct xattr_args` of getxattrat.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
 }
 
 impl<'a> XattrTarget<'a> {
     pub fn new(dir: BorrowedFd<'a>, name: &OsStr) -> SysResult<Self> {
-        cstr(name)?;
-        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), follow: false, _dir: dir })
+        let c_name = cstr(name)?;
+        Ok(XattrTarget { path: proc_fd_path(dir.as_raw_fd(), Some(name)), follow: false, dir, name: c_name })
     }
 
     /// The target is the directory the descriptor itself refers to (an
-    /// O_PATH descriptor cannot take f*xattr calls, so its magic link is
-    /// followed instead; never use this for a symlink).
+    /// O_PATH descriptor cannot take f*xattr calls, so "." is looked up in
+    /// it, or its magic link followed; never use this for a symlink).
     pub fn fd(fd: BorrowedFd<'a>) -> Self {
-        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, _dir: fd }
+        XattrTarget { path: proc_fd_path(fd.as_raw_fd(), None), follow: true, dir: fd, name: c".".to_owned() }
+    }
+
+    /// The flags of the *xattrat calls: the name is never followed.
+    fn at_flags(&self) -> libc::c_uint {
+        libc::AT_SYMLINK_NOFOLLOW as libc::c_uint
+    }
+
+    /// Run an *xattrat call; None when this system does not offer it, and
+    /// the caller takes the /proc path.
+    fn try_at(&self, call: impl FnOnce() -> libc::c_long) -> Option<libc::ssize_t> {
+        use std::sync::atomic::Ordering;
+        if !XATTR_AT_CALLS.load(Ordering::Relaxed) {
+            return None;
+        }
+        let ret = call();
+        if ret < 0 {
+            match Errno::last() {
+                Errno::ENOSYS | Errno::EPERM => {
+                    XATTR_AT_CALLS.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                // `fd()` of something other than a directory has no ".",
+                // and looking "." up needs search permission on the
+                // directory, which a rootless daemon may lack where the
+                // magic link needs none.
+                Errno::ENOTDIR | Errno::EACCES if self.follow => return None,
+                _ => {}
+            }
+        }
+        Some(ret as libc::ssize_t)
     }
 
     fn raw_get(&self, attr: &CStr, buf: &mut [u8]) -> libc::ssize_t {
         let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        let at = self.try_at(|| {
+            let mut args = XattrArgs { value: ptr as u64, size: len as u32, flags: 0 };
+            unsafe {
+                libc::syscall(
+                    xattr_at::GETXATTRAT,
+                    self.dir.as_raw_fd(),
+                    self.name.as_ptr(),
+                    self.at_flags(),
+                    attr.as_ptr(),
+                    &mut args as *mut XattrArgs,
+                    std::mem::size_of::<XattrArgs>(),
+                )
+            }
+        });
+        if let Some(ret) = at {
+            return ret;
+        }
         unsafe {
             if self.follow {
                 libc::getxattr(self.path.as_ptr(), attr.as_ptr(), ptr, len)
@@ -316,6 +416,19 @@ impl<'a> XattrTarget<'a> {
 
     fn raw_list(&self, buf: &mut [u8]) -> libc::ssize_t {
         let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
+        let at = self.try_at(|| unsafe {
+            libc::syscall(
+                xattr_at::LISTXATTRAT,
+                self.dir.as_raw_fd(),
+                self.name.as_ptr(),
+                self.at_flags(),
+                ptr as *mut libc::c_char,
+                len,
+            )
+        });
+        if let Some(ret) = at {
+            return ret;
+        }
         unsafe {
             if self.follow {
                 libc::listxattr(self.path.as_ptr(), ptr, len)
@@ -582,6 +695,28 @@ pub fn set_malloc_mmap_threshold(bytes: usize) {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only changes the allocator's tuning parameters.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
+}
+
+/// Grow this process's descriptor table now to hold `count` descriptors.
+///
+/// The kernel doubles the table when a new descriptor does not fit, and
+/// once several threads share the table it first waits for an RCU grace
+/// period: 10 to 20 ms here, in the middle of whichever request opened the
+/// descriptor (the first lookup across 100 layers crossed 128 and waited).
+/// Grown while the process has a single thread, the table costs no wait,
+/// and a table never shrinks. Done by duplicating `any` to the highest
+/// descriptor wanted (within the soft limit) and closing the copy.
+pub fn reserve_descriptors(any: BorrowedFd<'_>, count: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let highest = count.min(usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)).saturating_sub(1);
+    let Ok(highest) = libc::c_int::try_from(highest) else { return };
+    let copy = unsafe { libc::fcntl(any.as_raw_fd(), libc::F_DUPFD_CLOEXEC, highest) };
+    if copy >= 0 {
+        unsafe { libc::close(copy) };
+    }
 }
 
 /// Raise the soft limit on open files to the hard limit (the daemon keeps

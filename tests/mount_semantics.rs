@@ -76,6 +76,44 @@ fn directories_merge_across_all_layers() {
     assert_eq!(ls(&m.p("d")), ["bottom", "middle", "shared", "sub", "top"]);
 }
 
+/// Lookups that pass hundreds of layers (the daemon's first lookups open a
+/// directory per layer, past several sizes of its descriptor table) still
+/// read every marker on the way: whiteouts of both dialects, an opaque
+/// directory (xattr), and an opaque layer root that hides every layer below.
+#[test]
+fn lookups_across_many_layers_read_every_marker() {
+    const LAYERS: usize = 300;
+    const OPAQUE_ROOT: usize = 200;
+    let l = Layers::new(LAYERS);
+    for i in 0..LAYERS {
+        l.lower(i).file(&format!("layer{i}"), i.to_string()).file(&format!("shared/f{i}"), i.to_string());
+    }
+    l.lower(10).whiteout("shared/f20");
+    l.lower(30).oci_whiteout("shared/f40");
+    l.lower(50).file("deep/top", "50").opaque("deep", "user.overlay.opaque");
+    l.lower(60).file("deep/below", "60");
+    l.lower(OPAQUE_ROOT).opaque("", "trusted.overlay.opaque");
+    let m = StrataMount::mount(&l);
+    // Looked up first, before any listing: each answer comes from the probes.
+    let bottom_visible = OPAQUE_ROOT;
+    assert_eq!(read_string(&m.p(&format!("shared/f{bottom_visible}"))), bottom_visible.to_string());
+    assert_eq!(read_string(&m.p(&format!("layer{bottom_visible}"))), bottom_visible.to_string());
+    assert_errno(fs::symlink_metadata(m.p(&format!("shared/f{}", LAYERS - 1))), libc::ENOENT, "below an opaque root");
+    assert_errno(fs::symlink_metadata(m.p(&format!("layer{}", OPAQUE_ROOT + 1))), libc::ENOENT, "below an opaque root");
+    assert_errno(fs::symlink_metadata(m.p("shared/f20")), libc::ENOENT, "char 0/0 whiteout 10 layers up");
+    assert_errno(fs::symlink_metadata(m.p("shared/f40")), libc::ENOENT, "OCI whiteout 10 layers up");
+    assert_errno(fs::symlink_metadata(m.p("deep/below")), libc::ENOENT, "below an opaque directory");
+    assert_eq!(read_string(&m.p("deep/top")), "50");
+    assert_eq!(read_string(&m.p("shared/f0")), "0");
+    assert_eq!(read_string(&m.p("shared/f199")), "199");
+    let mut expected: Vec<String> =
+        (0..=bottom_visible).filter(|i| ![20, 40].contains(i)).map(|i| format!("f{i}")).collect();
+    expected.sort();
+    assert_eq!(ls(&m.p("shared")), expected, "the merged listing agrees with the lookups");
+    assert_no_marker_xattrs(&m.p(""));
+    assert_no_marker_xattrs(&m.p("deep"));
+}
+
 /// An opaque dir in lower0 hides lower1's same-named dir; the marker is invisible.
 fn check_opaque(mark: impl Fn(&Layer, &str)) {
     let l = Layers::new(2);
