@@ -243,34 +243,22 @@ impl MountConfig {
         fn need<'v>(key: &str, value: Option<&'v str>) -> Result<&'v str, ConfigError> {
             value.ok_or_else(|| ConfigError::BadValue { option: key.to_string(), reason: "a value is required".into() })
         }
+        /// A two-valued option: `on` or `off`, in the option's own words.
+        fn switch(key: &str, value: &str, on: &str, off: &str) -> Result<bool, ConfigError> {
+            match value {
+                v if v == on => Ok(true),
+                v if v == off => Ok(false),
+                other => {
+                    Err(ConfigError::BadValue { option: key.into(), reason: format!("{other:?} is not {off} or {on}") })
+                }
+            }
+        }
         match key {
             "lowerdir" => self.lowers.extend(split_lowerdir(need(key, value)?)),
             "upperdir" => self.upper = Some(PathBuf::from(need(key, value)?)),
             "workdir" => self.work = Some(PathBuf::from(need(key, value)?)),
-            "fsync" => {
-                self.fsync = match need(key, value)? {
-                    "0" => false,
-                    "1" => true,
-                    other => {
-                        return Err(ConfigError::BadValue {
-                            option: key.into(),
-                            reason: format!("{other:?} is not 0 or 1"),
-                        });
-                    }
-                }
-            }
-            "passthrough" => {
-                self.passthrough = match need(key, value)? {
-                    "on" => true,
-                    "off" => false,
-                    other => {
-                        return Err(ConfigError::BadValue {
-                            option: key.into(),
-                            reason: format!("{other:?} is not on or off"),
-                        });
-                    }
-                }
-            }
+            "fsync" => self.fsync = switch(key, need(key, value)?, "1", "0")?,
+            "passthrough" => self.passthrough = switch(key, need(key, value)?, "on", "off")?,
             "volatile" => self.fsync = false,
             "static_nlink" => self.static_nlink = true,
             "allow_other" | "allow_root" => self.allow_other = true,

@@ -299,9 +299,11 @@ pub struct XattrTarget<'a> {
     name: CString,
 }
 
-/// getxattrat and listxattrat: the same number on every architecture that
-/// has the unified system call table (all but alpha, mips and ia64).
-#[cfg(any(
+/// The numbers of getxattrat and listxattrat: the same on every
+/// architecture that has the unified system call table (all but alpha,
+/// mips and ia64). Elsewhere -1, whose ENOSYS sends every call down the
+/// /proc path.
+const XATTR_AT_CALLS_NUMBERS: (libc::c_long, libc::c_long) = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "aarch64",
     target_arch = "riscv64",
@@ -310,26 +312,13 @@ pub struct XattrTarget<'a> {
     target_arch = "powerpc64",
     target_arch = "s390x",
     target_arch = "loongarch64"
-))]
-mod xattr_at {
-    pub const GETXATTRAT: libc::c_long = 464;
-    pub const LISTXATTRAT: libc::c_long = 465;
-}
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64",
-    target_arch = "x86",
-    target_arch = "arm",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-)))]
-mod xattr_at {
-    // No known number: ENOSYS sends every call down the /proc path.
-    pub const GETXATTRAT: libc::c_long = -1;
-    pub const LISTXATTRAT: libc::c_long = -1;
-}
+)) {
+    (464, 465)
+} else {
+    (-1, -1)
+};
+const SYS_GETXATTRAT: libc::c_long = XATTR_AT_CALLS_NUMBERS.0;
+const SYS_LISTXATTRAT: libc::c_long = XATTR_AT_CALLS_NUMBERS.1;
 
 /// Whether the *xattrat calls may be tried; cleared by the first ENOSYS
 /// (kernel before 6.13) or EPERM (a seccomp filter that does not know them).
@@ -392,7 +381,7 @@ impl<'a> XattrTarget<'a> {
             let mut args = XattrArgs { value: ptr as u64, size: len as u32, flags: 0 };
             unsafe {
                 libc::syscall(
-                    xattr_at::GETXATTRAT,
+                    SYS_GETXATTRAT,
                     self.dir.as_raw_fd(),
                     self.name.as_ptr(),
                     self.at_flags(),
@@ -418,7 +407,7 @@ impl<'a> XattrTarget<'a> {
         let (ptr, len) = if buf.is_empty() { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr().cast(), buf.len()) };
         let at = self.try_at(|| unsafe {
             libc::syscall(
-                xattr_at::LISTXATTRAT,
+                SYS_LISTXATTRAT,
                 self.dir.as_raw_fd(),
                 self.name.as_ptr(),
                 self.at_flags(),
