@@ -74,9 +74,9 @@ pub struct MountConfig {
     /// Entry and attribute cache time given to the kernel.
     pub timeout: Duration,
     pub threads: usize,
-    /// Let the kernel read and write layer files itself (FUSE passthrough)
-    /// where it and the daemon's privileges allow: `passthrough=on|off`.
-    pub passthrough: bool,
+    /// Which files the kernel reads and writes itself (FUSE passthrough),
+    /// where it and the daemon's privileges allow: `passthrough=auto|on|off`.
+    pub passthrough: PassthroughSetting,
     /// How many inodes the daemon keeps at most (`inode_cache=N`); None: as
     /// many as the kernel holds.
     pub inode_cache: Option<usize>,
@@ -90,6 +90,28 @@ pub struct MountConfig {
     /// A directory (holding the upper and work directories) that the
     /// daemon removes once unmounted: `mount --image --ephemeral`.
     pub ephemeral: Option<PathBuf>,
+}
+
+/// `passthrough=`: which files the kernel reads and writes itself.
+///
+/// The kernel ties a passthrough open to one layer file for good, so a
+/// lower file of a writable mount (which a copy-up may replace while it is
+/// open) is never passed through. And passthrough needs an OPEN request
+/// for every open(2), which a mount can otherwise do without: the daemon
+/// then serves each file's data by inode, and a file whose pages are
+/// cached costs no request at all to open, read and close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassthroughSetting {
+    /// Every file of a read-only mount is passed through; a writable mount
+    /// is served without open requests (the fastest for reading images,
+    /// which is most of what a container does).
+    Auto,
+    /// As `Auto` for a read-only mount; a writable mount passes through the
+    /// files of its upper layer, at the price of a request per open (for
+    /// containers that write large files they keep open).
+    On,
+    /// Never: the daemon serves all data, without open requests.
+    Off,
 }
 
 /// `--trace[=FILE]`: events to a file, or to stderr (the mount then stays
@@ -123,7 +145,7 @@ impl Default for MountConfig {
             exec: true,
             timeout: Duration::from_secs(3600),
             threads: 2,
-            passthrough: true,
+            passthrough: PassthroughSetting::Auto,
             inode_cache: None,
             ignored: Vec::new(),
             trace: None,
@@ -258,7 +280,19 @@ impl MountConfig {
             "upperdir" => self.upper = Some(PathBuf::from(need(key, value)?)),
             "workdir" => self.work = Some(PathBuf::from(need(key, value)?)),
             "fsync" => self.fsync = switch(key, need(key, value)?, "1", "0")?,
-            "passthrough" => self.passthrough = switch(key, need(key, value)?, "on", "off")?,
+            "passthrough" => {
+                self.passthrough = match need(key, value)? {
+                    "auto" => PassthroughSetting::Auto,
+                    "on" => PassthroughSetting::On,
+                    "off" => PassthroughSetting::Off,
+                    other => {
+                        return Err(ConfigError::BadValue {
+                            option: key.into(),
+                            reason: format!("{other:?} is not auto, on or off"),
+                        });
+                    }
+                }
+            }
             "volatile" => self.fsync = false,
             "static_nlink" => self.static_nlink = true,
             "allow_other" | "allow_root" => self.allow_other = true,

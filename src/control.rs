@@ -104,7 +104,9 @@ fn stats_json(fs: &UnionFs, mountpoint: &Path) -> serde_json::Value {
         "redirects": m.redirects.load(Ordering::Relaxed),
         "created": m.creates.load(Ordering::Relaxed),
         "passthrough_opens": m.passthrough_opens.load(Ordering::Relaxed),
+        "open_requests": m.open_requests.load(Ordering::Relaxed),
         "open_files": fs.open_files(),
+        "inode_files": fs.inode_files(),
         "cached_inodes": fs.cached_inodes(),
         "memory_bytes": rss,
         "peak_memory_bytes": peak,
@@ -131,7 +133,8 @@ fn stats_text(fs: &UnionFs, mountpoint: &Path) -> String {
     text += &format!("redirects       {}\n", get(&m.redirects));
     text += &format!("created         {}\n", get(&m.creates));
     text += &format!("passthrough     {} opens\n", get(&m.passthrough_opens));
-    text += &format!("open files      {}\n", fs.open_files());
+    text += &format!("open requests   {}\n", get(&m.open_requests));
+    text += &format!("open files      {} handles, {} served by inode\n", fs.open_files(), fs.inode_files());
     text += &format!("cached inodes   {}\n", fs.cached_inodes());
     text += &format!("memory          {} (peak {})\n", human(rss), human(peak));
     text

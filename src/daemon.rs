@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, Session, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{self, MountConfig};
+use crate::config::{self, MountConfig, PassthroughSetting};
 use crate::fuse::StrataFuse;
 use crate::layers::{LayerStack, XattrNamespace};
 use crate::passthrough::Passthrough;
@@ -56,7 +56,8 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         fs: fs.clone(),
         ttl: config.timeout,
         parallel: config.threads > 1,
-        passthrough: Passthrough::new(config.passthrough),
+        passthrough: Passthrough::new(wants_passthrough(config.passthrough, fs.is_read_only())),
+        open_requests: true, // decided at init, with what the kernel grants
     };
     let mut fuse_config = Config::default();
     fuse_config.mount_options = mount_options(&config, fs.is_read_only());
@@ -421,4 +422,17 @@ fn process_alive(pid: i32) -> bool {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// Whether to ask the kernel for FUSE passthrough (see `PassthroughSetting`).
+/// Only a daemon with CAP_SYS_ADMIN in the initial user namespace may
+/// register backing files: elsewhere (rootless) asking would only cost a
+/// request per open for nothing.
+fn wants_passthrough(setting: PassthroughSetting, read_only: bool) -> bool {
+    let wanted = match setting {
+        PassthroughSetting::Auto => read_only,
+        PassthroughSetting::On => true,
+        PassthroughSetting::Off => false,
+    };
+    wanted && sys::geteuid() == 0 && sys::in_initial_user_namespace()
 }

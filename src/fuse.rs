@@ -30,6 +30,13 @@ pub struct StrataFuse {
     pub parallel: bool,
     /// Which opens the kernel serves itself.
     pub passthrough: Passthrough,
+    /// Whether the kernel is to send OPEN for files, decided at init: only
+    /// where some file may be passed through, as passthrough is set up by
+    /// the answer to OPEN. Otherwise the first OPEN is answered ENOSYS, and
+    /// from then on the kernel opens and closes files itself, keeping their
+    /// page cache: a file whose pages are cached costs no request to open,
+    /// read and close, and the rest comes by inode with handle 0.
+    pub open_requests: bool,
 }
 
 /// How files are opened. KEEP_CACHE: a file keeps its page cache across
@@ -161,13 +168,11 @@ impl StrataFuse {
 
 impl Filesystem for StrataFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // O_TRUNC arrives with open, so a truncating open skips copying data.
         // Readdirplus hands out attributes with names, saving a lookup round
         // trip per entry for stat walks, `ls -l` and `rm -rf`. Always, not
         // "auto" (which uses it for a listing's first chunk only): a warm
         // listing comes from the kernel's cache anyway.
-        let mut wanted =
-            InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_DO_READDIRPLUS;
+        let mut wanted = InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_DO_READDIRPLUS;
         if self.parallel {
             wanted |= InitFlags::FUSE_PARALLEL_DIROPS;
         }
@@ -181,6 +186,14 @@ impl Filesystem for StrataFuse {
                 log::info!("the kernel offers no FUSE passthrough; the daemon serves reads and writes");
                 self.passthrough.disable();
             }
+        }
+        self.open_requests = self.passthrough.is_enabled();
+        if self.open_requests {
+            // O_TRUNC arrives with OPEN (without OPEN, as a SETATTR), so a
+            // truncating open skips copying the data either way.
+            wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
+        } else {
+            self.fs.serve_files_by_inode();
         }
         for flag in wanted.iter() {
             if config.add_capabilities(flag).is_err() {
@@ -290,6 +303,12 @@ impl Filesystem for StrataFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::trace::Monitor::count(&self.fs.monitor.open_requests, 1);
+        if !self.open_requests {
+            // The kernel takes this as success, for this open and all later
+            // ones (see `open_requests`).
+            return reply.error(FuseErrno::ENOSYS);
+        }
         let handle = match self.fs.open(ino.0, flags.0) {
             Ok(handle) => handle,
             Err(err) => return reply.error(errno(err)),
@@ -309,7 +328,7 @@ impl Filesystem for StrataFuse {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -317,7 +336,7 @@ impl Filesystem for StrataFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        match self.fs.read(ino.0, fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(err) => reply.error(errno(err)),
         }
@@ -326,7 +345,7 @@ impl Filesystem for StrataFuse {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -335,14 +354,16 @@ impl Filesystem for StrataFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        match self.fs.write(ino.0, fh.0, offset, data) {
             Ok(written) => reply.written(written as u32),
             Err(err) => reply.error(errno(err)),
         }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to do at close (locks are the kernel's): ENOSYS tells the
+        // kernel to send no FLUSH again, for opens without NOFLUSH too.
+        reply.error(FuseErrno::ENOSYS);
     }
 
     fn release(
@@ -360,8 +381,8 @@ impl Filesystem for StrataFuse {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        Self::empty(reply, self.fs.fsync(fh.0, datasync));
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.fsync(ino.0, fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -490,18 +511,18 @@ impl Filesystem for StrataFuse {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.fallocate(fh.0, mode, offset, length));
+        Self::empty(reply, self.fs.fallocate(ino.0, fh.0, mode, offset, length));
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        match self.fs.lseek(fh.0, offset, whence) {
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.fs.lseek(ino.0, fh.0, offset, whence) {
             Ok(position) => reply.offset(position),
             Err(err) => reply.error(errno(err)),
         }

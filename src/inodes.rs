@@ -351,17 +351,19 @@ impl InodeTable {
         }
     }
 
-    /// The kernel dropped `count` lookups.
-    pub fn forget(&mut self, ino: u64, count: u64) {
+    /// The kernel dropped `count` lookups; true if that was the last and
+    /// the node is gone.
+    pub fn forget(&mut self, ino: u64, count: u64) -> bool {
         if ino == ROOT {
-            return;
+            return false;
         }
-        if let Ok(node) = self.get_mut(ino) {
-            node.lookups = node.lookups.saturating_sub(count);
-            if node.lookups == 0 {
-                self.remove(ino);
-            }
+        let Ok(node) = self.get_mut(ino) else { return false };
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups > 0 {
+            return false;
         }
+        self.remove(ino);
+        true
     }
 
     /// A name of `ino` went away.

@@ -673,6 +673,15 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Whether this process runs in the initial user namespace, whose uid map
+/// is the identity over every id (a user namespace maps fewer).
+pub fn in_initial_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"],
+        Err(_) => false,
+    }
+}
+
 /// Serve every allocation of `bytes` or more with its own mapping, for the
 /// life of the process. glibc starts at 128 KiB but raises the threshold to
 /// the size of each such block freed, so after the first large listing is

@@ -129,6 +129,9 @@ pub struct Monitor {
     pub creates: AtomicU64,
     /// Opens the kernel serves itself (FUSE passthrough).
     pub passthrough_opens: AtomicU64,
+    /// OPEN requests for files that reached the daemon: one at most when
+    /// files are served by inode (the first, answered ENOSYS).
+    pub open_requests: AtomicU64,
 }
 
 impl Monitor {
@@ -145,6 +148,7 @@ impl Monitor {
             redirects: AtomicU64::new(0),
             creates: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
+            open_requests: AtomicU64::new(0),
         }
     }
 

@@ -84,6 +84,22 @@ struct OpenFile {
     file: Mutex<Arc<File>>,
 }
 
+/// A descriptor kept for serving a file by inode (see `UnionFs::inode_file`).
+#[derive(Clone)]
+struct InodeFile {
+    file: Arc<File>,
+    /// Opened for reading and writing (an upper file), or read-only.
+    writable: bool,
+    /// A lower copy: stale once the inode is copied up.
+    on_lower: bool,
+}
+
+/// How many descriptors of files served by inode stay open: enough for
+/// the files being read or written at once; an evicted one is opened again
+/// at its next request that reaches the daemon (reads of cached pages
+/// never do).
+const INODE_FILE_CACHE: usize = 1024;
+
 struct OpenDir {
     ino: u64,
     /// The merged listing, taken at the first readdir: when the kernel
@@ -108,6 +124,15 @@ pub struct UnionFs {
     index: Option<OwnedFd>,
     table: Mutex<InodeTable>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Set when the kernel sends no OPEN for files (`serve_files_by_inode`):
+    /// requests on them come with handle 0 and are served by inode.
+    by_inode: AtomicBool,
+    /// The descriptors files are served through by inode, most recently used.
+    inode_files: Mutex<lru::LruCache<u64, InodeFile>>,
+    /// Upper files that lost a name while the kernel knew them, by inode:
+    /// without OPEN the daemon cannot tell whether a process still has one
+    /// open, so it keeps an O_PATH descriptor until the kernel forgets it.
+    unlinked: Mutex<HashMap<u64, Arc<OwnedFd>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_handle: AtomicU64,
     next_temp: AtomicU64,
@@ -163,6 +188,11 @@ impl UnionFs {
             index,
             table: Mutex::new(InodeTable::new(root)),
             files: Mutex::new(HashMap::new()),
+            by_inode: AtomicBool::new(false),
+            inode_files: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(INODE_FILE_CACHE).expect("a non-zero cache size"),
+            )),
+            unlinked: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
@@ -183,6 +213,17 @@ impl UnionFs {
 
     pub fn open_files(&self) -> usize {
         lock(&self.files).len()
+    }
+
+    /// Descriptors held to serve files by inode.
+    pub fn inode_files(&self) -> usize {
+        lock(&self.inode_files).len()
+    }
+
+    /// The kernel opens files without asking (it got ENOSYS for OPEN):
+    /// from now on a file's requests may come with handle 0.
+    pub fn serve_files_by_inode(&self) {
+        self.by_inode.store(true, Ordering::Relaxed);
     }
 
     pub fn cached_inodes(&self) -> usize {
@@ -447,11 +488,15 @@ impl UnionFs {
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
-        lock(&self.table).forget(ino, count);
+        let gone = lock(&self.table).forget(ino, count);
+        if gone && self.by_inode.load(Ordering::Relaxed) {
+            lock(&self.inode_files).pop(&ino);
+            lock(&self.unlinked).remove(&ino);
+        }
     }
 
     pub fn getattr(&self, ino: u64, handle: Option<u64>) -> SysResult<Stat> {
-        if let Some(file) = handle.and_then(|h| self.file(h).ok()) {
+        if let Some(file) = handle.filter(|h| *h != 0).and_then(|h| self.file(h).ok()) {
             return Ok(self.present(ino, sys::fstat(file.as_fd())?));
         }
         let stat = if ino == ROOT {
@@ -541,8 +586,12 @@ impl UnionFs {
 
     /// Any open file of `ino` (for a file whose last name is gone).
     fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
-        let handle = lock(&self.files).iter().find(|(_, open)| open.ino == ino).map(|(h, _)| *h)?;
-        self.file(handle).ok()
+        let handle = lock(&self.files).iter().find(|(_, open)| open.ino == ino).map(|(h, _)| *h);
+        match handle {
+            Some(handle) => self.file(handle).ok(),
+            None if self.by_inode.load(Ordering::Relaxed) => self.inode_file(ino, false).ok(),
+            None => None,
+        }
     }
 
     pub fn readlink(&self, ino: u64) -> SysResult<OsString> {
@@ -939,6 +988,9 @@ impl UnionFs {
         // the lower count, as with the kernel's default index=off.
         self.copy_up(parent, false)?;
         let upper_parent = self.upper_dir(parent)?;
+        if !is_dir {
+            self.keep_for_open_descriptors(ino);
+        }
         // An entry not in the upper comes from a lower layer; one in the
         // upper may hide a lower one that must stay hidden.
         if !in_upper || self.lower_has(parent, name)? {
@@ -1080,6 +1132,9 @@ impl UnionFs {
             _ => {}
         }
         self.make_opaque_if_exposed(ino, new_parent, new_name)?;
+        if let Some(target) = target {
+            self.keep_for_open_descriptors(target);
+        }
         let leave_whiteout = self.lower_has(parent, name)?;
         let rename_flags =
             if leave_whiteout && self.whiteouts == WhiteoutStyle::Device { libc::RENAME_WHITEOUT } else { 0 };
@@ -1268,8 +1323,83 @@ impl UnionFs {
         Some(file)
     }
 
-    pub fn read(&self, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
-        let file = self.file(handle)?;
+    /// The descriptor a request on `ino` reads or writes through: its open
+    /// handle's, or the inode's own when the kernel sent no OPEN (handle 0).
+    fn data_file(&self, ino: u64, handle: u64, write: bool) -> SysResult<Arc<File>> {
+        if handle != 0 {
+            return self.file(handle);
+        }
+        self.inode_file(ino, write)
+    }
+
+    /// Serve a file by inode, for a kernel that opens files without asking
+    /// (`serve_files_by_inode`). Its data is read from where the inode is
+    /// now, and the first write to a lower file copies it up, so every
+    /// descriptor of the file sees the copy from then on, as with the
+    /// kernel's overlayfs. Descriptors are kept in a small LRU.
+    fn inode_file(&self, ino: u64, write: bool) -> SysResult<Arc<File>> {
+        if write {
+            self.copy_up(ino, false)?;
+        }
+        let cached = lock(&self.inode_files).get(&ino).cloned();
+        if let Some(cached) = cached {
+            let stale = cached.on_lower && lock(&self.table).get(ino).is_ok_and(|n| n.in_upper || n.indexed);
+            if !stale && (cached.writable || !write) {
+                return Ok(cached.file);
+            }
+        }
+        let opened = match self.location(ino) {
+            Ok(location) if matches!(&location, Location::Layer(source) if !self.stack.is_upper(source.layer)) => {
+                InodeFile {
+                    file: Arc::new(self.open_location(&location, libc::O_RDONLY)?),
+                    writable: false,
+                    on_lower: true,
+                }
+            }
+            Ok(location) => self.open_upper_file(write, |flags| self.open_location(&location, flags))?,
+            // No name left: the descriptor kept when it lost its last one.
+            Err(Errno::ENOENT) => {
+                let kept = lock(&self.unlinked).get(&ino).cloned().ok_or(Errno::ENOENT)?;
+                self.open_upper_file(write, |flags| sys::reopen(kept.as_fd(), flags).map(File::from))?
+            }
+            Err(err) => return Err(err),
+        };
+        let file = opened.file.clone();
+        lock(&self.inode_files).put(ino, opened);
+        Ok(file)
+    }
+
+    /// Open an upper file for reading and writing, or read-only if it
+    /// cannot be written (immutable, say) and only reading is wanted.
+    fn open_upper_file(&self, write: bool, open: impl Fn(i32) -> SysResult<File>) -> SysResult<InodeFile> {
+        match open(libc::O_RDWR) {
+            Ok(file) => Ok(InodeFile { file: Arc::new(file), writable: true, on_lower: false }),
+            Err(err) if write => Err(err),
+            Err(_) => Ok(InodeFile { file: Arc::new(open(libc::O_RDONLY)?), writable: false, on_lower: false }),
+        }
+    }
+
+    /// Before a regular file of the upper layer loses a name: when files
+    /// are served by inode, keep a descriptor of it in case that name was
+    /// its last and a process still has it open.
+    fn keep_for_open_descriptors(&self, ino: u64) {
+        if !self.by_inode.load(Ordering::Relaxed) {
+            return; // every open file has a handle, which keeps it
+        }
+        let upper_file = lock(&self.table).get(ino).is_ok_and(|n| n.kind == libc::S_IFREG && (n.in_upper || n.indexed));
+        if !upper_file || lock(&self.unlinked).contains_key(&ino) {
+            return;
+        }
+        match self.location(ino).and_then(|location| self.open_location(&location, libc::O_PATH)) {
+            Ok(file) => {
+                lock(&self.unlinked).insert(ino, Arc::new(OwnedFd::from(file)));
+            }
+            Err(err) => log::debug!("cannot keep inode {ino} for its open descriptors: {err}"),
+        }
+    }
+
+    pub fn read(&self, ino: u64, handle: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {
+        let file = self.data_file(ino, handle, false)?;
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {
@@ -1283,8 +1413,8 @@ impl UnionFs {
         Ok(buf)
     }
 
-    pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
-        let file = self.file(handle)?;
+    pub fn write(&self, ino: u64, handle: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
+        let file = self.data_file(ino, handle, true)?;
         sys::pwrite(file.as_fd(), data, offset)
     }
 
@@ -1292,19 +1422,22 @@ impl UnionFs {
         lock(&self.files).remove(&handle);
     }
 
-    pub fn fsync(&self, handle: u64, data_only: bool) -> SysResult<()> {
+    pub fn fsync(&self, ino: u64, handle: u64, data_only: bool) -> SysResult<()> {
         if !self.options.fsync {
             return Ok(());
         }
-        sys::fsync(self.file(handle)?.as_fd(), data_only)
+        if handle == 0 && lock(&self.table).get(ino).is_ok_and(|n| !n.in_upper && !n.indexed) {
+            return Ok(()); // never written: nothing of it is in the upper
+        }
+        sys::fsync(self.data_file(ino, handle, false)?.as_fd(), data_only)
     }
 
-    pub fn fallocate(&self, handle: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
-        sys::fallocate(self.file(handle)?.as_fd(), mode, offset, len)
+    pub fn fallocate(&self, ino: u64, handle: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
+        sys::fallocate(self.data_file(ino, handle, true)?.as_fd(), mode, offset, len)
     }
 
-    pub fn lseek(&self, handle: u64, offset: i64, whence: i32) -> SysResult<i64> {
-        sys::lseek(self.file(handle)?.as_fd(), offset, whence)
+    pub fn lseek(&self, ino: u64, handle: u64, offset: i64, whence: i32) -> SysResult<i64> {
+        sys::lseek(self.data_file(ino, handle, false)?.as_fd(), offset, whence)
     }
 
     // ----- directories ----------------------------------------------------

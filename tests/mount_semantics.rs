@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
@@ -298,10 +298,13 @@ fn copy_up_on_write_keeps_data_mode_owner_times_xattrs() {
     let m = StrataMount::mount(&l);
     let ino_before = fs::metadata(m.p("dir/f")).expect("stat").ino();
 
-    // Open for writing without writing: copies up with the original times.
+    // Opening for writing copies nothing up (the daemon is not told of
+    // opens); the first change does, here one that keeps the times.
     drop(fs::OpenOptions::new().write(true).open(m.p("dir/f")).expect("open for write"));
     let up = l.upper.p("dir/f");
-    assert!(up.is_file(), "open for write must copy up");
+    assert!(!up.exists(), "open for write alone copies nothing up");
+    lsetxattr(&m.p("dir/f"), "user.added", b"1").expect("setxattr");
+    assert!(up.is_file(), "a change must copy up");
     let um = fs::metadata(&up).expect("stat upper");
     assert_eq!(um.mode() & 0o7777, 0o640, "mode kept");
     assert_eq!((um.uid(), um.gid()), (1234, 5678), "owner kept");
@@ -915,7 +918,8 @@ fn lseek_data_and_hole() {
         }
     };
     check("lower file", true);
-    fs::OpenOptions::new().write(true).open(m.p("s")).unwrap().sync_all().unwrap();
+    // Rewrite the first byte as it is: a write, which copies up.
+    fs::OpenOptions::new().write(true).open(m.p("s")).unwrap().write_all_at(&[7], 0).unwrap();
     assert!(l.upper.p("s").is_file());
     check("copied-up file", false);
 }

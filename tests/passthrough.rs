@@ -1,12 +1,14 @@
-//! FUSE passthrough, through real mounts: which opens the kernel serves
-//! itself (counted by the daemon's `passthrough_opens`), and that the data
-//! every open sees stays right across copy-up.
+//! How file data is served, through real mounts: which opens the kernel
+//! serves itself (FUSE passthrough, counted by the daemon's
+//! `passthrough_opens`), which files are served by inode without any OPEN
+//! request (`open_requests`), and that the data every open sees stays right
+//! across copy-up, unlink and rename.
 
 mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use common::*;
 
@@ -25,10 +27,26 @@ fn kernel_has_passthrough() -> bool {
 }
 
 fn passthrough_opens(m: &StrataMount) -> u64 {
+    stats(m)["passthrough_opens"].as_u64().expect("passthrough_opens in stats")
+}
+
+fn open_requests(m: &StrataMount) -> u64 {
+    stats(m)["open_requests"].as_u64().expect("open_requests in stats")
+}
+
+fn stats(m: &StrataMount) -> serde_json::Value {
     let out = strata(["stats".as_ref(), m.mnt.as_os_str(), "--format".as_ref(), "json".as_ref()]);
     assert!(out.success(), "strata stats failed: {out:?}");
-    let stats: serde_json::Value = serde_json::from_str(&out.stdout).expect("stats json");
-    stats["passthrough_opens"].as_u64().expect("passthrough_opens in stats")
+    serde_json::from_str(&out.stdout).expect("stats json")
+}
+
+/// A writable mount of `l` with `-o passthrough=VALUE`.
+fn mount_writable(l: &Layers, passthrough: &str) -> StrataMount {
+    let mut args = vec!["mount".to_string(), "-o".to_string(), format!("passthrough={passthrough}")];
+    args.extend(l.lower_args());
+    args.extend(["--upper".into(), l.upper.path.display().to_string(), "--work".into(), l.work.display().to_string()]);
+    args.push(l.mnt.display().to_string());
+    StrataMount::from_args(&args, &l.mnt)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -66,7 +84,7 @@ fn upper_files_are_passthrough_and_their_size_and_times_follow_writes() {
     }
     let l = Layers::new(1);
     l.lower(0).file("lower", "lower data");
-    let m = StrataMount::mount(&l);
+    let m = mount_writable(&l, "on");
     let before = passthrough_opens(&m);
     {
         let mut f = fs::File::create(m.p("new")).unwrap();
@@ -105,7 +123,7 @@ fn shared_mapping_of_an_upper_file_is_the_file() {
     }
     let l = Layers::new(1);
     l.lower(0).file("f", "0123456789");
-    let m = StrataMount::mount(&l);
+    let m = mount_writable(&l, "on");
     let f = fs::OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
     let len = 10;
     // SAFETY: a shared mapping of a file this test owns, unmapped below.
@@ -145,7 +163,7 @@ fn lower_file_opened_before_copy_up_keeps_every_open_working() {
     }
     let l = Layers::new(1);
     l.lower(0).file("f", "old-content");
-    let m = StrataMount::mount(&l);
+    let m = mount_writable(&l, "on");
     let reader = fs::File::open(m.p("f")).unwrap();
     let writer = fs::OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
     writer.write_all_at(b"NEW", 0).unwrap();
@@ -172,11 +190,7 @@ fn lower_file_opened_before_copy_up_keeps_every_open_working() {
 fn passthrough_off_serves_every_open_from_the_daemon() {
     let l = Layers::new(1);
     l.lower(0).file("f", "data");
-    let mut args = vec!["mount".to_string(), "-o".to_string(), "passthrough=off".to_string()];
-    args.extend(l.lower_args());
-    args.extend(["--upper".into(), l.upper.path.display().to_string(), "--work".into(), l.work.display().to_string()]);
-    args.push(l.mnt.display().to_string());
-    let m = StrataMount::from_args(&args, &l.mnt);
+    let m = mount_writable(&l, "off");
     fs::write(m.p("g"), "new").unwrap();
     assert_eq!(read_string(&m.p("g")), "new");
     assert_eq!(read_string(&m.p("f")), "data");
@@ -184,7 +198,7 @@ fn passthrough_off_serves_every_open_from_the_daemon() {
 }
 
 #[test]
-fn passthrough_option_takes_on_or_off_only() {
+fn passthrough_option_takes_auto_on_or_off_only() {
     let l = Layers::new(1);
     let out = strata([
         "mount".as_ref(),
@@ -197,4 +211,119 @@ fn passthrough_option_takes_on_or_off_only() {
     assert!(!out.success());
     assert!(out.stderr.contains("passthrough") && out.stderr.contains("\"maybe\""), "stderr: {}", out.stderr);
     assert!(!is_mounted(&l.mnt));
+}
+
+/// A writable mount (passthrough=auto) serves files by inode: after the
+/// first OPEN, answered ENOSYS, the kernel opens and closes files itself,
+/// so reading files again and again sends no request, and the data stays
+/// right through the first write (which copies up), truncation and appends.
+#[test]
+fn writable_mount_serves_files_without_open_requests() {
+    let l = Layers::new(2);
+    l.lower(1).file("bottom", "from the bottom layer");
+    l.lower(0).file("top", "0123456789");
+    let m = StrataMount::mount(&l);
+    for _ in 0..20 {
+        assert_eq!(read_string(&m.p("bottom")), "from the bottom layer");
+        assert_eq!(read_string(&m.p("top")), "0123456789");
+    }
+    assert!(open_requests(&m) <= 1, "40 opens sent {} OPEN requests", open_requests(&m));
+
+    let f = fs::OpenOptions::new().read(true).write(true).open(m.p("top")).unwrap();
+    assert!(!l.upper.p("top").exists(), "opening for writing copies nothing up before the first write");
+    f.write_all_at(b"AB", 0).unwrap();
+    assert_eq!(read_string(&l.upper.p("top")), "AB23456789", "the first write copied the file up");
+    assert_eq!(read_string(&m.p("top")), "AB23456789");
+    assert_eq!(read_string(&l.lower(0).p("top")), "0123456789", "the lower layer is untouched");
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"AB23456789");
+
+    fs::write(m.p("bottom"), "short").unwrap(); // O_TRUNC: a SETATTR now
+    assert_eq!(read_string(&m.p("bottom")), "short");
+    assert_eq!(read_string(&l.upper.p("bottom")), "short");
+    fs::OpenOptions::new().append(true).open(m.p("bottom")).unwrap().write_all(b"+").unwrap();
+    assert_eq!(read_string(&m.p("bottom")), "short+");
+    assert_eq!(fs::metadata(m.p("bottom")).unwrap().len(), 6);
+
+    fs::write(m.p("new"), "created").unwrap();
+    assert_eq!(read_string(&m.p("new")), "created");
+    assert_eq!(read_string(&l.upper.p("new")), "created");
+    assert!(open_requests(&m) <= 1, "{} OPEN requests", open_requests(&m));
+    assert_eq!(read_string(&l.lower(1).p("bottom")), "from the bottom layer");
+}
+
+/// `passthrough=on` keeps OPEN requests in a writable mount, since each
+/// open is where a file of the upper layer is passed through.
+#[test]
+fn passthrough_on_in_a_writable_mount_asks_for_every_open() {
+    if !kernel_has_passthrough() {
+        return;
+    }
+    let l = Layers::new(1);
+    l.lower(0).file("f", "data");
+    let m = mount_writable(&l, "on");
+    for _ in 0..5 {
+        assert_eq!(read_string(&m.p("f")), "data");
+    }
+    assert!(open_requests(&m) >= 5, "{} OPEN requests for 5 opens", open_requests(&m));
+}
+
+/// Drop the clean pages the kernel caches for `f`, so the next read asks
+/// the daemon.
+fn drop_page_cache(f: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an advice call on a descriptor this test owns.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+}
+
+/// Without OPEN the daemon cannot know which files are open: an upper file
+/// that loses its last name (unlink, or a rename over it) must stay
+/// readable, writable and fstat-able through the descriptors open on it,
+/// also after the daemon's cache of descriptors has turned over.
+#[test]
+fn open_files_outlive_their_names_when_served_by_inode() {
+    let l = Layers::new(1);
+    for i in 0..1100 {
+        l.lower(0).file(&format!("many/{i}"), format!("lower {i}"));
+    }
+    let m = StrataMount::mount(&l);
+    let count = 200;
+    let held: Vec<fs::File> = (0..count)
+        .map(|i| {
+            fs::write(m.p(&format!("f{i}")), format!("file {i:03}")).unwrap();
+            fs::OpenOptions::new().read(true).write(true).open(m.p(&format!("f{i}"))).unwrap()
+        })
+        .collect();
+    for i in 0..count {
+        if i % 2 == 0 {
+            fs::remove_file(m.p(&format!("f{i}"))).unwrap();
+        } else {
+            fs::write(m.p("replacement"), "replacement").unwrap();
+            fs::rename(m.p("replacement"), m.p(&format!("f{i}"))).unwrap();
+        }
+    }
+    // First reads of 1100 other files: each reaches the daemon and takes
+    // a place in its cache of descriptors.
+    for i in 0..1100 {
+        assert_eq!(read_string(&m.p(&format!("many/{i}"))), format!("lower {i}"));
+    }
+    for (i, f) in held.iter().enumerate() {
+        f.write_all_at(b"F", 0).unwrap();
+        drop_page_cache(f);
+        let mut buf = [0u8; 8];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, format!("File {i:03}").as_bytes(), "f{i}: the write reached the unlinked file");
+        let meta = f.metadata().expect("fstat of a file without a name");
+        assert_eq!((meta.len(), meta.nlink()), (8, 0), "f{i}");
+    }
+    for i in 0..count {
+        let path = m.p(&format!("f{i}"));
+        if i % 2 == 0 {
+            assert!(absent(&path), "f{i} was removed");
+        } else {
+            assert_eq!(read_string(&path), "replacement", "f{i} was replaced");
+        }
+    }
 }
