@@ -486,6 +486,12 @@ impl Filesystem for StrataFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if !self.open_requests {
+            // Without OPEN, CREATE's open is of no use: ENOSYS makes the
+            // kernel send MKNOD and open the new file itself, which spares
+            // the RELEASE at its close.
+            return reply.error(FuseErrno::ENOSYS);
+        }
         let (entry, handle) = match self.fs.create(parent.0, name, mode & !(umask & 0o777), flags, caller(req)) {
             Ok(created) => created,
             Err(err) => return reply.error(errno(err)),

@@ -160,6 +160,38 @@ pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()> {
     Ok(())
 }
 
+/// mkdirat(2) by the owner-to-be: the calling thread's filesystem ids
+/// (which are its own, not the process's) are `uid` and `gid` for the call,
+/// so the directory has its owner from the start, and the kernel checks
+/// that owner's right to write in `dir`. EPERM if the ids cannot be taken.
+pub fn mkdirat_as(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, uid: u32, gid: u32) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    // setfsuid/setfsgid return the previous id whether or not they changed
+    // it; asking with an invalid id (-1) reads the one in force.
+    let set_fsgid = |id: u32| unsafe { libc::syscall(libc::SYS_setfsgid, id) as u32 };
+    let set_fsuid = |id: u32| unsafe { libc::syscall(libc::SYS_setfsuid, id) as u32 };
+    let (old_gid, old_uid) = (set_fsgid(gid), set_fsuid(uid));
+    let taken = set_fsgid(u32::MAX) == gid && set_fsuid(u32::MAX) == uid;
+    let made =
+        if taken { check(unsafe { libc::mkdirat(dir.as_raw_fd(), c_name.as_ptr(), mode) }) } else { Err(Errno::EPERM) };
+    set_fsuid(old_uid);
+    set_fsgid(old_gid);
+    made.map(drop)
+}
+
+/// The process's umask (which mkdir(2) and open(2) leave out of a mode).
+pub fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Umask:"))
+            .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
+            .unwrap_or(0o777) // unknown: assume every bit is left out, so the mode is always set after
+    })
+}
+
 pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> SysResult<()> {
     let c_name = cstr(name)?;
     check(unsafe { libc::mknodat(dir.as_raw_fd(), c_name.as_ptr(), mode, rdev) })?;
@@ -225,6 +257,41 @@ pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
     let path = proc_fd_path(fd.as_raw_fd(), None);
     check(unsafe { libc::chmod(path.as_ptr(), mode) })?;
     Ok(())
+}
+
+/// fchmod of an open (not O_PATH) descriptor.
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })?;
+    Ok(())
+}
+
+/// A new regular file without a name in directory `dir` (O_TMPFILE), mode
+/// 0600 until changed; `link_unnamed` gives it one.
+pub fn open_unnamed(dir: BorrowedFd<'_>, flags: i32) -> SysResult<OwnedFd> {
+    let fd = check(unsafe {
+        libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags | libc::O_TMPFILE | libc::O_CLOEXEC, 0o600)
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Give the unnamed file `fd` the name `name` in `dir`; EEXIST if taken.
+/// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it (rootless), the
+/// same link through /proc.
+pub fn link_unnamed(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    let c_name = cstr(name)?;
+    let linked = check(unsafe {
+        libc::linkat(fd.as_raw_fd(), c"".as_ptr(), dir.as_raw_fd(), c_name.as_ptr(), libc::AT_EMPTY_PATH)
+    });
+    match linked {
+        Err(Errno::ENOENT | Errno::EPERM) => {
+            let path = proc_fd_path(fd.as_raw_fd(), None);
+            check(unsafe {
+                libc::linkat(libc::AT_FDCWD, path.as_ptr(), dir.as_raw_fd(), c_name.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+            })?;
+            Ok(())
+        }
+        other => other.map(drop),
+    }
 }
 
 /// fchown of the file a descriptor refers to; `None` leaves that id unchanged.

@@ -107,6 +107,15 @@ struct OpenDir {
     items: std::sync::OnceLock<Vec<DirItem>>,
 }
 
+/// Where a new entry is to go (see `UnionFs::prepare_new_entry`).
+struct NewEntry {
+    /// Its directory in the upper layer (O_PATH).
+    upper_parent: OwnedFd,
+    parent_stat: Stat,
+    /// The upper directory holds a whiteout of that name.
+    replaces_whiteout: bool,
+}
+
 /// The scratch directory kept inside the work directory, as the kernel does.
 const WORK_SUBDIR: &str = "work";
 /// The whiteout inode every whiteout of the upper is a link to.
@@ -738,6 +747,39 @@ impl UnionFs {
         Ok(())
     }
 
+    /// Where a new entry goes: checks the name is free in the merged view
+    /// and copies its parent up.
+    fn prepare_new_entry(&self, parent: u64, name: &OsStr) -> SysResult<NewEntry> {
+        self.writable()?;
+        self.check_new_name(name)?;
+        if self.resolve(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.copy_up(parent, false)?;
+        let upper_parent = self.upper_dir(parent)?;
+        let parent_stat = sys::fstat(upper_parent.as_fd())?;
+        let replaces_whiteout = sys::exists_at(upper_parent.as_fd(), name)?;
+        Ok(NewEntry { upper_parent, parent_stat, replaces_whiteout })
+    }
+
+    /// The owner and permission bits of a new entry: it belongs to the
+    /// caller, and a setgid directory passes its group (and, to
+    /// directories, the setgid bit) on.
+    fn new_owner(&self, place: &NewEntry, caller: Caller, mode: u32) -> (u32, u32, u32) {
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        let inherit = place.parent_stat.st_mode & libc::S_ISGID != 0;
+        let caller_gid = self.options.gids.stored(caller.gid);
+        let gid = if inherit { place.parent_stat.st_gid } else { caller_gid };
+        let mut perm = mode & 0o7777;
+        if is_dir && inherit {
+            perm |= libc::S_ISGID;
+        }
+        if !is_dir && perm & libc::S_ISGID != 0 && gid != caller_gid && caller.uid != 0 {
+            perm &= !libc::S_ISGID;
+        }
+        (self.options.uids.stored(caller.uid), gid, perm)
+    }
+
     /// Create a new entry: `build` makes it in the work directory under a
     /// temporary name, then it is owned by the caller and renamed into the
     /// upper directory, replacing a whiteout if there is one.
@@ -749,51 +791,44 @@ impl UnionFs {
         mode: u32,
         build: impl FnOnce(&OwnedFd, &OsStr) -> SysResult<T>,
     ) -> SysResult<(Entry, T)> {
-        self.writable()?;
-        self.check_new_name(name)?;
-        if self.resolve(parent, name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
-        self.copy_up(parent, false)?;
-        let work = self.work()?;
-        let upper_parent = self.upper_dir(parent)?;
-        let parent_stat = sys::fstat(upper_parent.as_fd())?;
-        let replaces_whiteout = sys::exists_at(upper_parent.as_fd(), name)?;
-        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        let place = self.prepare_new_entry(parent, name)?;
+        self.install_at(&place, parent, name, caller, mode, build)
+    }
 
+    fn install_at<T>(
+        &self,
+        place: &NewEntry,
+        parent: u64,
+        name: &OsStr,
+        caller: Caller,
+        mode: u32,
+        build: impl FnOnce(&OwnedFd, &OsStr) -> SysResult<T>,
+    ) -> SysResult<(Entry, T)> {
+        let work = self.work()?;
+        let upper_parent = place.upper_parent.as_fd();
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
         let temp = self.temp_name();
         let built = build(work, &temp)?;
         let finish = || -> SysResult<()> {
-            // New entries belong to the caller; a setgid directory passes
-            // its group (and, to directories, the setgid bit) on.
-            let inherit = parent_stat.st_mode & libc::S_ISGID != 0;
-            let caller_gid = self.options.gids.stored(caller.gid);
-            let gid = if inherit { parent_stat.st_gid } else { caller_gid };
-            sys::fchownat(work.as_fd(), &temp, Some(self.options.uids.stored(caller.uid)), Some(gid))?;
+            let (uid, gid, perm) = self.new_owner(place, caller, mode);
+            sys::fchownat(work.as_fd(), &temp, Some(uid), Some(gid))?;
             if mode & libc::S_IFMT != libc::S_IFLNK {
-                let mut perm = mode & 0o7777;
-                if is_dir && inherit {
-                    perm |= libc::S_ISGID;
-                }
-                if !is_dir && perm & libc::S_ISGID != 0 && gid != caller_gid && caller.uid != 0 {
-                    perm &= !libc::S_ISGID;
-                }
                 let fd = sys::openat(work.as_fd(), &temp, libc::O_PATH, 0)?;
                 sys::fchmod_fd(fd.as_fd(), perm)?;
             }
-            if is_dir && replaces_whiteout {
+            if is_dir && place.replaces_whiteout {
                 // A directory made where a lower one was deleted must not
                 // show the old content again.
                 self.mark_opaque(work.as_fd(), &temp)?;
             }
-            if replaces_whiteout && is_dir {
-                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, libc::RENAME_EXCHANGE)?;
+            if place.replaces_whiteout && is_dir {
+                sys::renameat2(work.as_fd(), &temp, upper_parent, name, libc::RENAME_EXCHANGE)?;
                 // The whiteout now sits in the work directory.
                 let _ = sys::unlinkat(work.as_fd(), &temp, false);
-            } else if replaces_whiteout {
-                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, 0)?;
+            } else if place.replaces_whiteout {
+                sys::renameat2(work.as_fd(), &temp, upper_parent, name, 0)?;
             } else {
-                sys::renameat2(work.as_fd(), &temp, upper_parent.as_fd(), name, libc::RENAME_NOREPLACE)?;
+                sys::renameat2(work.as_fd(), &temp, upper_parent, name, libc::RENAME_NOREPLACE)?;
             }
             Ok(())
         };
@@ -801,14 +836,45 @@ impl UnionFs {
             crate::copyup::remove_temp(work.as_fd(), &temp);
             return Err(err);
         }
+        Ok((self.installed(parent, name, mode, place.replaces_whiteout)?, built))
+    }
+
+    /// Create a regular file where no whiteout stands, in its upper
+    /// directory itself, as the kernel's overlayfs does: an unnamed file
+    /// (O_TMPFILE) there gets its owner and mode, then its name, so a crash
+    /// never leaves it half made. Made in the directory, its inode is
+    /// allocated near it rather than near the work directory. None where
+    /// the upper filesystem has no O_TMPFILE.
+    fn create_in_place(
+        &self,
+        place: &NewEntry,
+        name: &OsStr,
+        caller: Caller,
+        mode: u32,
+        flags: i32,
+    ) -> SysResult<Option<File>> {
+        let file = match sys::open_unnamed(place.upper_parent.as_fd(), libc::O_RDWR | flags) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let (uid, gid, perm) = self.new_owner(place, caller, mode);
+        sys::fchown_fd(file.as_fd(), Some(uid), Some(gid))?;
+        sys::fchmod(file.as_fd(), perm)?;
+        sys::link_unnamed(file.as_fd(), place.upper_parent.as_fd(), name)?;
+        Ok(Some(file))
+    }
+
+    /// After a new entry is in place: count it, say so, and remember it.
+    fn installed(&self, parent: u64, name: &OsStr, mode: u32, replaced_whiteout: bool) -> SysResult<Entry> {
         Monitor::count(&self.monitor.creates, 1);
         self.monitor.emit(|| Event::Create { path: self.shown_child_path(parent, name), kind: kind_name(mode) });
-        if is_dir && replaces_whiteout {
+        if mode & libc::S_IFMT == libc::S_IFDIR && replaced_whiteout {
             Monitor::count(&self.monitor.opaque_dirs, 1);
             self.monitor.emit(|| Event::Opaque { path: self.shown_child_path(parent, name) });
         }
         let resolved = self.resolve(parent, name)?.ok_or(Errno::ENOENT)?;
-        Ok((self.remember(parent, name, resolved), built))
+        Ok(self.remember(parent, name, resolved))
     }
 
     fn mark_opaque(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
@@ -817,12 +883,49 @@ impl UnionFs {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> SysResult<Entry> {
         let mode = libc::S_IFDIR | (mode & 0o7777);
+        let place = self.prepare_new_entry(parent, name)?;
+        if !place.replaces_whiteout && self.mkdir_in_place(&place, name, caller, mode)? {
+            return self.installed(parent, name, mode, false);
+        }
         let (entry, ()) =
-            self.install(parent, name, caller, mode, |work, temp| sys::mkdirat(work.as_fd(), temp, 0o700))?;
+            self.install_at(&place, parent, name, caller, mode, |work, temp| sys::mkdirat(work.as_fd(), temp, 0o700))?;
         Ok(entry)
     }
 
+    /// Make a directory where no whiteout stands in its upper directory
+    /// itself, as the kernel's overlayfs does: made by its owner, it needs
+    /// no rename into place, and its inode (and so its files') is
+    /// allocated near its parent rather than near the work directory.
+    /// False where the owner may not write there (the work directory's way
+    /// then makes it as the daemon).
+    fn mkdir_in_place(&self, place: &NewEntry, name: &OsStr, caller: Caller, mode: u32) -> SysResult<bool> {
+        let (uid, gid, perm) = self.new_owner(place, caller, mode);
+        match sys::mkdirat_as(place.upper_parent.as_fd(), name, perm, uid, gid) {
+            Ok(()) => {}
+            Err(Errno::EACCES | Errno::EPERM) => return Ok(false),
+            Err(err) => return Err(err),
+        }
+        // mkdir(2) leaves out the umask's bits, and a setgid bit the parent
+        // does not pass on (rare: then the mode is set after).
+        let inherited = place.parent_stat.st_mode & libc::S_ISGID;
+        if (perm & 0o1777 & !sys::umask()) | inherited != perm {
+            let dir = sys::openat(place.upper_parent.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            sys::fchmod_fd(dir.as_fd(), perm)?;
+        }
+        Ok(true)
+    }
+
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, caller: Caller) -> SysResult<Entry> {
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            // Where files are served by inode, a MKNOD is how the kernel
+            // creates a file it opens next: keep the descriptor for it.
+            let (entry, file) = self.create_file(parent, name, mode, 0, caller)?;
+            if self.by_inode.load(Ordering::Relaxed) {
+                let served = InodeFile { file: Arc::new(file), writable: true, on_lower: false };
+                lock(&self.inode_files).put(entry.ino, served);
+            }
+            return Ok(entry);
+        }
         let (entry, ()) = self.install(parent, name, caller, mode, |work, temp| {
             sys::mknodat(work.as_fd(), temp, (mode & libc::S_IFMT) | 0o600, rdev)
         })?;
@@ -838,14 +941,31 @@ impl UnionFs {
 
     /// Create and open a regular file; returns the entry and a handle.
     pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> SysResult<(Entry, u64)> {
-        let mode = libc::S_IFREG | (mode & 0o7777);
-        let open_flags = (flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT))
-            | libc::O_CREAT
-            | libc::O_EXCL;
-        let (entry, file) = self.install(parent, name, caller, mode, |work, temp| {
-            sys::openat(work.as_fd(), temp, open_flags, 0o600).map(File::from)
-        })?;
+        let (entry, file) = self.create_file(parent, name, mode, flags, caller)?;
         Ok((entry, self.add_file(entry.ino, file, false)))
+    }
+
+    /// Create a regular file, open for reading and writing with `flags`'
+    /// O_APPEND, O_SYNC, O_DSYNC and O_DIRECT.
+    fn create_file(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> SysResult<(Entry, File)> {
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let flags = flags & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT);
+        let place = self.prepare_new_entry(parent, name)?;
+        if !place.replaces_whiteout
+            && let Some(file) = self.create_in_place(&place, name, caller, mode, flags)?
+        {
+            return Ok((self.installed(parent, name, mode, false)?, file));
+        }
+        self.install_at(&place, parent, name, caller, mode, |work, temp| {
+            sys::openat(work.as_fd(), temp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | flags, 0o600).map(File::from)
+        })
     }
 
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> SysResult<Entry> {

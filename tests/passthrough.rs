@@ -253,6 +253,31 @@ fn writable_mount_serves_files_without_open_requests() {
     assert_eq!(read_string(&l.lower(1).p("bottom")), "from the bottom layer");
 }
 
+/// Without OPEN, files are created by MKNOD and opened by the kernel: the
+/// creator may still write a file it creates read-only, and the file is
+/// the creator's, as with open(2) on any filesystem.
+#[test]
+fn a_user_writes_the_read_only_file_it_creates() {
+    let l = Layers::new(1);
+    l.lower(0).dir("shared").mode("shared", 0o777);
+    let m = StrataMount::mount(&l);
+    let path = m.p("shared/mine");
+    let script = format!(
+        "python3 -c \"import os; fd = os.open('{}', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o444); os.write(fd, b'mine'); os.close(fd)\"",
+        path.display()
+    );
+    let out = sh_as_user(1000, 1000, &script);
+    assert!(out.success(), "create and write as uid 1000: {out:?}");
+    assert_eq!(read_string(&path), "mine");
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1000, 1000, 0o444));
+    let upper = fs::metadata(l.upper.p("shared/mine")).unwrap();
+    assert_eq!((upper.uid(), upper.gid(), upper.mode() & 0o7777), (1000, 1000, 0o444), "as stored in the upper");
+    let again = sh_as_user(1000, 1000, &format!("echo more > {}", path.display()));
+    assert!(!again.success(), "a later open for writing of the read-only file is refused");
+    assert_eq!(read_string(&path), "mine");
+}
+
 /// `passthrough=on` keeps OPEN requests in a writable mount, since each
 /// open is where a file of the upper layer is passed through.
 #[test]
