@@ -345,6 +345,7 @@ fn remount_at_the_same_path_right_after_an_external_unmount_survives() {
     let l = Layers::new(1);
     l.lower(0).file("f", "x");
     let opts = l.overlay_opts();
+    let _cleanup = CleanupOnDrop(l.mnt.clone());
     for round in 0..20 {
         let first = strata(["-o", opts.as_str(), &s(&l.mnt)]);
         assert!(first.success(), "{first:?}");

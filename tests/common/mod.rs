@@ -611,6 +611,16 @@ pub fn force_cleanup(mnt: &Path) {
     }
 }
 
+/// Unmounts whatever is left mounted at a path when dropped, also when the
+/// test panics: for tests that mount and unmount by hand.
+pub struct CleanupOnDrop(pub PathBuf);
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        force_cleanup(&self.0);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Strata mount guard
 // ---------------------------------------------------------------------------
