@@ -385,17 +385,17 @@ impl Filesystem for StrataFuse {
         Self::empty(reply, self.fs.fsync(ino.0, fh.0, datasync));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            // The kernel may keep listings: every change to a directory goes
-            // through this mount, and the kernel drops its copy on each one.
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
-            Err(err) => reply.error(errno(err)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS: from now on the kernel opens and closes directories
+        // itself, sparing two requests per directory a walk enters, and
+        // keeps their listings (as FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE):
+        // every change to a directory goes through this mount, and the
+        // kernel drops its copy on each one. Readdir comes by inode.
+        reply.error(FuseErrno::ENOSYS);
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let result = self.fs.readdir(fh.0, offset, |next, item| {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let result = self.fs.readdir(ino.0, offset, |next, item| {
             reply.add(INodeNo(item.ino), next, dtype_file_type(item.kind), &item.name)
         });
         match result {
@@ -404,8 +404,8 @@ impl Filesystem for StrataFuse {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let result = self.fs.readdirplus(fh.0, offset, |next, item, entry| {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let result = self.fs.readdirplus(ino.0, offset, |next, item, entry| {
             reply.add(INodeNo(entry.ino), next, &item.name, &self.ttl, &attr(&entry.stat), Generation(0))
         });
         match result {
@@ -414,9 +414,8 @@ impl Filesystem for StrataFuse {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.fs.releasedir(fh.0);
-        reply.ok();
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        reply.ok(); // never sent: directories are opened without OPENDIR
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

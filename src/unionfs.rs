@@ -72,7 +72,7 @@ pub struct AttrChange {
     pub ctime: bool,
 }
 
-/// One entry of a directory snapshot taken at opendir.
+/// One entry of a directory listing.
 pub type DirItem = layers::SharedEntry;
 
 struct OpenFile {
@@ -100,11 +100,63 @@ struct InodeFile {
 /// never do).
 const INODE_FILE_CACHE: usize = 1024;
 
-struct OpenDir {
-    ino: u64,
-    /// The merged listing, taken at the first readdir: when the kernel
-    /// serves the directory from its own cache, it is never built.
-    items: std::sync::OnceLock<Vec<DirItem>>,
+/// A directory's merged listing in the order readdir hands it out.
+///
+/// The kernel is not asked to open directories (see `fuse.rs`), so a
+/// readdir comes with no handle to hang a snapshot on, only the offset
+/// where the last one stopped. Each entry's offset is therefore a hash of
+/// its name, and the listing is sorted by it: reading on from an offset
+/// returns every entry still there exactly once, whatever was added or
+/// removed since, as ext4's hashed directories do. "." and ".." come first.
+struct Listing {
+    entries: Vec<(u64, DirItem)>,
+}
+
+/// Listings kept for reads that go on chunk after chunk (the kernel caches
+/// a directory it has read whole, so few are read twice): at most this many
+/// directories, and entries in all.
+const LISTING_CACHE_DIRS: usize = 64;
+const LISTING_CACHE_ENTRIES: usize = 256 * 1024;
+
+struct ListingCache {
+    listings: lru::LruCache<u64, Arc<Listing>>,
+    entries: usize,
+}
+
+impl ListingCache {
+    fn new() -> Self {
+        ListingCache { listings: lru::LruCache::unbounded(), entries: 0 }
+    }
+
+    fn get(&mut self, ino: u64) -> Option<Arc<Listing>> {
+        self.listings.get(&ino).cloned()
+    }
+
+    fn put(&mut self, ino: u64, listing: Arc<Listing>) {
+        self.remove(ino);
+        while self.listings.len() >= LISTING_CACHE_DIRS || self.entries + listing.entries.len() > LISTING_CACHE_ENTRIES
+        {
+            let Some((_, oldest)) = self.listings.pop_lru() else { break };
+            self.entries -= oldest.entries.len();
+        }
+        self.entries += listing.entries.len();
+        self.listings.put(ino, listing);
+    }
+
+    fn remove(&mut self, ino: u64) {
+        if let Some(listing) = self.listings.pop(&ino) {
+            self.entries -= listing.entries.len();
+        }
+    }
+}
+
+/// The readdir offset of a name: above those of "." (1) and ".." (2), and
+/// below i64::MAX, as the kernel keeps offsets signed.
+fn name_offset(name: &OsStr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut hasher);
+    3 + hasher.finish() % (i64::MAX as u64 - 3)
 }
 
 /// Where a new entry is to go (see `UnionFs::prepare_new_entry`).
@@ -142,7 +194,8 @@ pub struct UnionFs {
     /// without OPEN the daemon cannot tell whether a process still has one
     /// open, so it keeps an O_PATH descriptor until the kernel forgets it.
     unlinked: Mutex<HashMap<u64, Arc<OwnedFd>>>,
-    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    /// Merged listings by directory inode (see `Listing`).
+    listings: Mutex<ListingCache>,
     next_handle: AtomicU64,
     next_temp: AtomicU64,
     /// Copy-ups of one inode are serialised; different inodes copy in parallel.
@@ -202,7 +255,7 @@ impl UnionFs {
                 std::num::NonZeroUsize::new(INODE_FILE_CACHE).expect("a non-zero cache size"),
             )),
             unlinked: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(ListingCache::new()),
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -625,7 +678,7 @@ impl UnionFs {
         if in_upper {
             return Ok(());
         }
-        let parent = parent.ok_or(Errno::ENOENT)?;
+        let Some(parent) = parent else { return self.copy_up_nameless(ino) };
         self.copy_up(parent, false)?;
 
         let _guard = lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize]);
@@ -694,6 +747,39 @@ impl UnionFs {
             took: started.elapsed(),
             data: kind == libc::S_IFREG && !skip_data && !indexed,
         });
+        Ok(())
+    }
+
+    /// Copy up a lower file whose last name was removed while a process
+    /// had it open for writing: served by inode, the daemon learns of the
+    /// writer only at its first write. The copy is made in the work
+    /// directory and unlinked at once, and lives, nameless, as long as the
+    /// kernel knows the inode (as the kernel's overlayfs, which copies up
+    /// at open, keeps an unlinked upper file).
+    fn copy_up_nameless(&self, ino: u64) -> SysResult<()> {
+        if !self.by_inode.load(Ordering::Relaxed) {
+            return Err(Errno::ENOENT); // an open for writing copied it up
+        }
+        let _guard = lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize]);
+        let source = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            if node.in_upper {
+                return Ok(());
+            }
+            if node.kind != libc::S_IFREG || node.names.first().is_some() {
+                return Err(Errno::ENOENT);
+            }
+            node.lowers.first().ok_or(Errno::ENOENT)?
+        };
+        let work = self.work()?;
+        let temp = self.temp_name();
+        let kept = crate::copyup::copy_entry(self, &source, libc::S_IFREG, work.as_fd(), &temp, ino, false)
+            .and_then(|_| sys::openat(work.as_fd(), &temp, libc::O_PATH, 0));
+        crate::copyup::remove_temp(work.as_fd(), &temp);
+        lock(&self.unlinked).insert(ino, Arc::new(kept?));
+        lock(&self.table).get_mut(ino)?.in_upper = true;
+        Monitor::count(&self.monitor.copy_ups, 1);
         Ok(())
     }
 
@@ -867,6 +953,7 @@ impl UnionFs {
 
     /// After a new entry is in place: count it, say so, and remember it.
     fn installed(&self, parent: u64, name: &OsStr, mode: u32, replaced_whiteout: bool) -> SysResult<Entry> {
+        self.listing_changed(parent);
         Monitor::count(&self.monitor.creates, 1);
         self.monitor.emit(|| Event::Create { path: self.shown_child_path(parent, name), kind: kind_name(mode) });
         if mode & libc::S_IFMT == libc::S_IFDIR && replaced_whiteout {
@@ -985,6 +1072,7 @@ impl UnionFs {
         let (old_dir, old_name) = self.parent_and_name(&self.location(ino)?)?;
         let new_dir = self.upper_dir(new_parent)?;
         self.link_into_place(old_dir.as_fd(), &old_name, new_dir.as_fd(), new_name)?;
+        self.listing_changed(new_parent);
         self.adjust_nlink(ino, 1)?;
         let resolved = self.resolve(new_parent, new_name)?.ok_or(Errno::ENOENT)?;
         Ok(self.remember(new_parent, new_name, resolved))
@@ -1084,6 +1172,7 @@ impl UnionFs {
         self.writable()?;
         let child = self.lookup(parent, name)?;
         let result = self.remove_child(parent, name, want_dir, child.ino);
+        self.listing_changed(parent);
         self.forget(child.ino, 1);
         result
     }
@@ -1174,6 +1263,10 @@ impl UnionFs {
             }
         };
         let result = self.rename_nodes(parent, name, source.ino, new_parent, new_name, target.map(|t| t.ino), flags);
+        // Both directories, and a moved directory's "..".
+        for dir in [parent, new_parent, source.ino].into_iter().chain(target.map(|t| t.ino)) {
+            self.listing_changed(dir);
+        }
         self.forget(source.ino, 1);
         if let Some(target) = target {
             self.forget(target.ino, 1);
@@ -1342,7 +1435,7 @@ impl UnionFs {
     /// mark it opaque: it no longer needs its lower copies.
     fn copy_up_tree(&self, ino: u64) -> SysResult<()> {
         self.copy_up(ino, false)?;
-        for item in self.list_dir(ino)?.iter().filter(|item| !item.is_dot_or_dotdot()) {
+        for (_, item) in self.listing(ino)?.entries.iter().filter(|(_, item)| !item.is_dot_or_dotdot()) {
             let child = self.lookup(ino, &item.name)?;
             let result = if kind_of(&child.stat) == libc::S_IFDIR {
                 self.copy_up_tree(child.ino)
@@ -1562,48 +1655,56 @@ impl UnionFs {
 
     // ----- directories ----------------------------------------------------
 
-    /// Snapshot the merged listing; readdir offsets index into it.
-    pub fn opendir(&self, ino: u64) -> SysResult<u64> {
-        if !lock(&self.table).get(ino)?.is_dir() {
-            return Err(Errno::ENOTDIR);
+    /// The listing of directory `ino`, from the cache or made anew.
+    fn listing(&self, ino: u64) -> SysResult<Arc<Listing>> {
+        if let Some(listing) = lock(&self.listings).get(ino) {
+            return Ok(listing);
         }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(handle, Arc::new(OpenDir { ino, items: std::sync::OnceLock::new() }));
-        Ok(handle)
-    }
-
-    fn open_dir_handle(&self, handle: u64) -> SysResult<Arc<OpenDir>> {
-        lock(&self.dirs).get(&handle).cloned().ok_or(Errno::EBADF)
-    }
-
-    /// The listing of an open directory, taken at its first read.
-    fn items_of<'a>(&self, dir: &'a OpenDir) -> SysResult<&'a [DirItem]> {
-        if let Some(items) = dir.items.get() {
-            return Ok(items);
-        }
-        let listed = self.list_dir(dir.ino)?;
-        Ok(dir.items.get_or_init(|| listed))
-    }
-
-    fn list_dir(&self, ino: u64) -> SysResult<Vec<DirItem>> {
+        let parent = {
+            let table = lock(&self.table);
+            let node = table.get(ino)?;
+            if !node.is_dir() {
+                return Err(Errno::ENOTDIR);
+            }
+            node.names.first().map(|link| link.parent).unwrap_or(ROOT)
+        };
         let sources = self.dir_sources(ino)?;
-        let parent = lock(&self.table).get(ino)?.names.first().map(|link| link.parent).unwrap_or(ROOT);
         let listed = self.stack.list_shared(&sources)?;
-        let mut items = Vec::with_capacity(listed.len() + 2);
-        items.push(DirItem { ino, kind: libc::DT_DIR, name: Arc::from(OsStr::new(".")) });
-        items.push(DirItem { ino: parent, kind: libc::DT_DIR, name: Arc::from(OsStr::new("..")) });
-        items.extend(listed);
-        Ok(items)
+        let mut entries = Vec::with_capacity(listed.len() + 2);
+        entries.push((1, DirItem { ino, kind: libc::DT_DIR, name: Arc::from(OsStr::new(".")) }));
+        entries.push((2, DirItem { ino: parent, kind: libc::DT_DIR, name: Arc::from(OsStr::new("..")) }));
+        entries.extend(listed.into_iter().map(|item| (name_offset(&item.name), item)));
+        entries[2..].sort_unstable_by_key(|(offset, _)| *offset);
+        // Two names with one offset (a 63-bit hash collision): the later
+        // takes the next free offset, so offsets stay unique.
+        for i in 3..entries.len() {
+            if entries[i].0 <= entries[i - 1].0 {
+                entries[i].0 = entries[i - 1].0 + 1;
+            }
+        }
+        let listing = Arc::new(Listing { entries });
+        lock(&self.listings).put(ino, listing.clone());
+        Ok(listing)
     }
 
-    /// Hand the entries from `offset` on (offset N means "after the Nth
-    /// entry") to `add`, with the offset of the next one, until it says the
-    /// reply is full.
-    pub fn readdir(&self, handle: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
-        let dir = self.open_dir_handle(handle)?;
-        let items = self.items_of(&dir)?;
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
-            if add(i as u64 + 1, item) {
+    /// Entries of directory `dir` changed: its listing is made anew at
+    /// the next read.
+    fn listing_changed(&self, dir: u64) {
+        lock(&self.listings).remove(dir);
+    }
+
+    /// The entries of `listing` after offset `offset`.
+    fn entries_after(listing: &Listing, offset: u64) -> &[(u64, DirItem)] {
+        let start = listing.entries.partition_point(|(entry_offset, _)| *entry_offset <= offset);
+        &listing.entries[start..]
+    }
+
+    /// Hand the entries after `offset` (0: from the start) to `add`, each
+    /// with its own offset, until it says the reply is full.
+    pub fn readdir(&self, ino: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
+        let listing = self.listing(ino)?;
+        for (entry_offset, item) in Self::entries_after(&listing, offset) {
+            if add(*entry_offset, item) {
                 break;
             }
         }
@@ -1615,39 +1716,33 @@ impl UnionFs {
     /// kernel counts it (except "." and "..").
     pub fn readdirplus(
         &self,
-        handle: u64,
+        ino: u64,
         offset: u64,
         mut add: impl FnMut(u64, &DirItem, &Entry) -> bool,
     ) -> SysResult<()> {
-        let dir = self.open_dir_handle(handle)?;
-        let items = self.items_of(&dir)?;
+        let listing = self.listing(ino)?;
         let mut own: Option<Entry> = None;
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for (entry_offset, item) in Self::entries_after(&listing, offset) {
             if item.is_dot_or_dotdot() {
                 let entry = match own {
                     Some(entry) => entry,
-                    None => *own.insert(Entry { ino: dir.ino, stat: self.getattr(dir.ino, None)? }),
+                    None => *own.insert(Entry { ino, stat: self.getattr(ino, None)? }),
                 };
-                if add(next, item, &entry) {
+                if add(*entry_offset, item, &entry) {
                     break;
                 }
                 continue;
             }
-            let Some(resolved) = self.resolve(dir.ino, &item.name)? else { continue };
+            let Some(resolved) = self.resolve(ino, &item.name)? else { continue };
             let layer = resolved.top.layer;
-            let entry = self.remember_shared(dir.ino, item.name.clone(), resolved);
-            if add(next, item, &entry) {
+            let entry = self.remember_shared(ino, item.name.clone(), resolved);
+            if add(*entry_offset, item, &entry) {
                 self.forget(entry.ino, 1); // it did not fit: not handed out
                 break;
             }
-            self.note_served(dir.ino, &item.name, layer);
+            self.note_served(ino, &item.name, layer);
         }
         Ok(())
-    }
-
-    pub fn releasedir(&self, handle: u64) {
-        lock(&self.dirs).remove(&handle);
     }
 
     pub fn fsyncdir(&self, ino: u64) -> SysResult<()> {

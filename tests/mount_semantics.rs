@@ -1181,6 +1181,75 @@ fn large_merged_directory_lists_every_name_once() {
     assert!(again == expected, "listing after changes differs");
 }
 
+/// The names one getdents64(2) call on `dir` returns (a small buffer, so
+/// a listing takes many calls); empty at the end.
+fn getdents_chunk(dir: &fs::File) -> Vec<String> {
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at < n as usize {
+        // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+        let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+        let name = &buf[at + 19..at + reclen];
+        let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+        names.push(String::from_utf8_lossy(name).into_owned());
+        at += reclen;
+    }
+    names
+}
+
+/// A directory read in many chunks while it changes (the kernel then asks
+/// the daemon again from where it stopped): every name that stays is
+/// listed exactly once, whatever was added or removed in between.
+#[test]
+fn a_listing_read_while_the_directory_changes_lists_each_remaining_name_once() {
+    let l = Layers::new(2);
+    for i in 0..400 {
+        l.lower(1).file(&format!("d/lower-{i:03}"), "l");
+    }
+    for i in 0..100 {
+        l.lower(0).file(&format!("d/middle-{i:03}"), "m");
+    }
+    let m = StrataMount::mount(&l);
+    let dir = fs::File::open(m.p("d")).unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    let mut removed = std::collections::BTreeSet::new();
+    let mut round = 0;
+    loop {
+        let chunk = getdents_chunk(&dir);
+        if chunk.is_empty() {
+            break;
+        }
+        seen.extend(chunk);
+        // Between chunks: remove a name from each layer and add two.
+        for name in [format!("lower-{:03}", (round * 37) % 400), format!("middle-{:03}", (round * 13) % 100)] {
+            if removed.insert(name.clone()) {
+                fs::remove_file(m.p(&format!("d/{name}"))).unwrap();
+            }
+        }
+        fs::write(m.p(&format!("d/new-{round:03}-a")), "n").unwrap();
+        fs::write(m.p(&format!("d/new-{round:03}-b")), "n").unwrap();
+        round += 1;
+        assert!(round < 1000, "the listing does not end");
+    }
+    assert!(round > 5, "the listing took {round} chunks: too few to test");
+    let mut counts = std::collections::BTreeMap::new();
+    for name in &seen {
+        *counts.entry(name.as_str()).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).map(|(name, _)| *name).collect();
+    assert!(twice.is_empty(), "listed more than once: {twice:?}");
+    let originals = (0..400).map(|i| format!("lower-{i:03}")).chain((0..100).map(|i| format!("middle-{i:03}")));
+    for name in originals.filter(|name| !removed.contains(name)) {
+        assert!(counts.contains_key(name.as_str()), "{name} was never removed but not listed");
+    }
+    let now = ls(&m.p("d"));
+    assert_eq!(now.len(), 500 - removed.len() + 2 * round, "the listing afterwards");
+}
+
 #[test]
 fn readdir_d_type_and_d_ino_match_stat() {
     let l = Layers::new(2);

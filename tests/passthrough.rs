@@ -352,3 +352,26 @@ fn open_files_outlive_their_names_when_served_by_inode() {
         }
     }
 }
+
+/// A lower file opened for writing and then unlinked is copied up at its
+/// first write, nameless: the writer keeps its data, the lower layer and
+/// the upper directory show nothing of it.
+#[test]
+fn a_lower_file_unlinked_while_open_for_writing_takes_its_writes() {
+    let l = Layers::new(1);
+    l.lower(0).file("scratch", "lower content");
+    let m = StrataMount::mount(&l);
+    let f = fs::OpenOptions::new().read(true).write(true).open(m.p("scratch")).unwrap();
+    fs::remove_file(m.p("scratch")).unwrap();
+    f.write_all_at(b"LOWER", 0).expect("a write to the unlinked lower file");
+    drop_page_cache(&f);
+    let mut buf = [0u8; 13];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"LOWER content");
+    assert_eq!(f.metadata().unwrap().len(), 13);
+    f.set_len(5).expect("ftruncate of the nameless copy");
+    assert_eq!(f.metadata().unwrap().len(), 5);
+    assert!(absent(&m.p("scratch")));
+    assert!(is_whiteout(&l.upper.p("scratch")), "the name stays deleted");
+    assert_eq!(read_string(&l.lower(0).p("scratch")), "lower content", "the lower layer is untouched");
+}
