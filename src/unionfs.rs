@@ -112,9 +112,9 @@ struct Listing {
     entries: Vec<(u64, DirItem)>,
 }
 
-/// Listings kept for reads that go on chunk after chunk (the kernel caches
-/// a directory it has read whole, so few are read twice): at most this many
-/// directories, and entries in all.
+/// Listings kept for reads that go on chunk after chunk, each until it is
+/// read to its end (the kernel keeps a directory it has read whole): at
+/// most this many directories, and entries in all.
 const LISTING_CACHE_DIRS: usize = 64;
 const LISTING_CACHE_ENTRIES: usize = 256 * 1024;
 
@@ -1693,17 +1693,23 @@ impl UnionFs {
         lock(&self.listings).remove(dir);
     }
 
-    /// The entries of `listing` after offset `offset`.
-    fn entries_after(listing: &Listing, offset: u64) -> &[(u64, DirItem)] {
+    /// The entries of directory `ino`'s listing after offset `offset`.
+    /// The read that finds none is the last of a listing read whole, which
+    /// the kernel keeps from then on: the daemon's copy goes.
+    fn entries_after(&self, ino: u64, offset: u64) -> SysResult<(Arc<Listing>, usize)> {
+        let listing = self.listing(ino)?;
         let start = listing.entries.partition_point(|(entry_offset, _)| *entry_offset <= offset);
-        &listing.entries[start..]
+        if start == listing.entries.len() {
+            lock(&self.listings).remove(ino);
+        }
+        Ok((listing, start))
     }
 
     /// Hand the entries after `offset` (0: from the start) to `add`, each
     /// with its own offset, until it says the reply is full.
     pub fn readdir(&self, ino: u64, offset: u64, mut add: impl FnMut(u64, &DirItem) -> bool) -> SysResult<()> {
-        let listing = self.listing(ino)?;
-        for (entry_offset, item) in Self::entries_after(&listing, offset) {
+        let (listing, start) = self.entries_after(ino, offset)?;
+        for (entry_offset, item) in &listing.entries[start..] {
             if add(*entry_offset, item) {
                 break;
             }
@@ -1720,9 +1726,9 @@ impl UnionFs {
         offset: u64,
         mut add: impl FnMut(u64, &DirItem, &Entry) -> bool,
     ) -> SysResult<()> {
-        let listing = self.listing(ino)?;
+        let (listing, start) = self.entries_after(ino, offset)?;
         let mut own: Option<Entry> = None;
-        for (entry_offset, item) in Self::entries_after(&listing, offset) {
+        for (entry_offset, item) in &listing.entries[start..] {
             if item.is_dot_or_dotdot() {
                 let entry = match own {
                     Some(entry) => entry,
