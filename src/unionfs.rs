@@ -550,8 +550,11 @@ impl UnionFs {
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
-        let gone = lock(&self.table).forget(ino, count);
-        if gone && self.by_inode.load(Ordering::Relaxed) {
+        if !lock(&self.table).forget(ino, count) {
+            return;
+        }
+        lock(&self.listings).remove(ino);
+        if self.by_inode.load(Ordering::Relaxed) {
             lock(&self.inode_files).pop(&ino);
             lock(&self.unlinked).remove(&ino);
         }
