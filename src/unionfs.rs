@@ -869,22 +869,10 @@ impl UnionFs {
         (self.options.uids.stored(caller.uid), gid, perm)
     }
 
-    /// Create a new entry: `build` makes it in the work directory under a
-    /// temporary name, then it is owned by the caller and renamed into the
-    /// upper directory, replacing a whiteout if there is one.
+    /// Create a new entry at `place`: `build` makes it in the work
+    /// directory under a temporary name, then it is owned by the caller and
+    /// renamed into the upper directory, replacing a whiteout if there is one.
     fn install<T>(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        caller: Caller,
-        mode: u32,
-        build: impl FnOnce(&OwnedFd, &OsStr) -> SysResult<T>,
-    ) -> SysResult<(Entry, T)> {
-        let place = self.prepare_new_entry(parent, name)?;
-        self.install_at(&place, parent, name, caller, mode, build)
-    }
-
-    fn install_at<T>(
         &self,
         place: &NewEntry,
         parent: u64,
@@ -978,7 +966,7 @@ impl UnionFs {
             return self.installed(parent, name, mode, false);
         }
         let (entry, ()) =
-            self.install_at(&place, parent, name, caller, mode, |work, temp| sys::mkdirat(work.as_fd(), temp, 0o700))?;
+            self.install(&place, parent, name, caller, mode, |work, temp| sys::mkdirat(work.as_fd(), temp, 0o700))?;
         Ok(entry)
     }
 
@@ -1016,14 +1004,16 @@ impl UnionFs {
             }
             return Ok(entry);
         }
-        let (entry, ()) = self.install(parent, name, caller, mode, |work, temp| {
+        let place = self.prepare_new_entry(parent, name)?;
+        let (entry, ()) = self.install(&place, parent, name, caller, mode, |work, temp| {
             sys::mknodat(work.as_fd(), temp, (mode & libc::S_IFMT) | 0o600, rdev)
         })?;
         Ok(entry)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> SysResult<Entry> {
-        let (entry, ()) = self.install(parent, name, caller, libc::S_IFLNK | 0o777, |work, temp| {
+        let place = self.prepare_new_entry(parent, name)?;
+        let (entry, ()) = self.install(&place, parent, name, caller, libc::S_IFLNK | 0o777, |work, temp| {
             sys::symlinkat(target, work.as_fd(), temp)
         })?;
         Ok(entry)
@@ -1053,7 +1043,7 @@ impl UnionFs {
         {
             return Ok((self.installed(parent, name, mode, false)?, file));
         }
-        self.install_at(&place, parent, name, caller, mode, |work, temp| {
+        self.install(&place, parent, name, caller, mode, |work, temp| {
             sys::openat(work.as_fd(), temp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | flags, 0o600).map(File::from)
         })
     }
