@@ -57,7 +57,9 @@ pub fn run(config: MountConfig) -> Result<(), String> {
         ttl: config.timeout,
         parallel: config.threads > 1,
         passthrough: Passthrough::new(wants_passthrough(config.passthrough, fs.is_read_only())),
-        open_requests: true, // decided at init, with what the kernel grants
+        // Both decided at init, with what the kernel offers.
+        open_requests: true,
+        opendir_requests: true,
     };
     let mut fuse_config = Config::default();
     fuse_config.mount_options = mount_options(&config, fs.is_read_only());

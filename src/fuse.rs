@@ -37,6 +37,9 @@ pub struct StrataFuse {
     /// page cache: a file whose pages are cached costs no request to open,
     /// read and close, and the rest comes by inode with handle 0.
     pub open_requests: bool,
+    /// Likewise for OPENDIR: answered ENOSYS where the kernel can do
+    /// without (Linux 5.1 and later), so it opens directories itself.
+    pub opendir_requests: bool,
 }
 
 /// How files are opened. KEEP_CACHE: a file keeps its page cache across
@@ -187,7 +190,11 @@ impl Filesystem for StrataFuse {
                 self.passthrough.disable();
             }
         }
-        self.open_requests = self.passthrough.is_enabled();
+        // Kernels before 4.19 (5.1 for directories) fail an open that gets
+        // ENOSYS: they need the requests.
+        let offered = config.capabilities();
+        self.open_requests = self.passthrough.is_enabled() || !offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.opendir_requests = !offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         if self.open_requests {
             // O_TRUNC arrives with OPEN (without OPEN, as a SETATTR), so a
             // truncating open skips copying the data either way.
@@ -386,11 +393,15 @@ impl Filesystem for StrataFuse {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // ENOSYS: from now on the kernel opens and closes directories
-        // itself, sparing two requests per directory a walk enters, and
-        // keeps their listings (as FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE):
+        // The kernel may keep listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE):
         // every change to a directory goes through this mount, and the
-        // kernel drops its copy on each one. Readdir comes by inode.
+        // kernel drops its copy on each one. ENOSYS: from now on the kernel
+        // opens and closes directories itself with those flags, sparing two
+        // requests per directory a walk enters. Readdir comes by inode
+        // either way, so the handle is of no use.
+        if self.opendir_requests {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE);
+        }
         reply.error(FuseErrno::ENOSYS);
     }
 
@@ -415,7 +426,7 @@ impl Filesystem for StrataFuse {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        reply.ok(); // never sent: directories are opened without OPENDIR
+        reply.ok(); // nothing is kept per open directory
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

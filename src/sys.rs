@@ -176,20 +176,13 @@ pub fn mkdirat_as(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, uid: u32, gid: u
         if taken { check(unsafe { libc::mkdirat(dir.as_raw_fd(), c_name.as_ptr(), mode) }) } else { Err(Errno::EPERM) };
     set_fsuid(old_uid);
     set_fsgid(old_gid);
+    if set_fsuid(u32::MAX) != old_uid || set_fsgid(u32::MAX) != old_gid {
+        // Never seen: a thread left with another owner's ids would act
+        // for that owner from now on. Stop rather than serve so.
+        log::error!("cannot restore the daemon thread's filesystem ids");
+        std::process::abort();
+    }
     made.map(drop)
-}
-
-/// The process's umask (which mkdir(2) and open(2) leave out of a mode).
-pub fn umask() -> u32 {
-    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *UMASK.get_or_init(|| {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Umask:"))
-            .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
-            .unwrap_or(0o777) // unknown: assume every bit is left out, so the mode is always set after
-    })
 }
 
 pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> SysResult<()> {

@@ -196,6 +196,9 @@ pub struct UnionFs {
     unlinked: Mutex<HashMap<u64, Arc<OwnedFd>>>,
     /// Merged listings by directory inode (see `Listing`).
     listings: Mutex<ListingCache>,
+    /// Counts changes to directories: a listing built while one happened
+    /// may be stale, and is not kept.
+    listing_epoch: AtomicU64,
     next_handle: AtomicU64,
     next_temp: AtomicU64,
     /// Copy-ups of one inode are serialised; different inodes copy in parallel.
@@ -256,6 +259,7 @@ impl UnionFs {
             )),
             unlinked: Mutex::new(HashMap::new()),
             listings: Mutex::new(ListingCache::new()),
+            listing_epoch: AtomicU64::new(0),
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             copy_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -767,8 +771,8 @@ impl UnionFs {
         let source = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
-            if node.in_upper {
-                return Ok(());
+            if node.in_upper || node.indexed {
+                return Ok(()); // its data is in the upper layer (the index) already
             }
             if node.kind != libc::S_IFREG || node.names.first().is_some() {
                 return Err(Errno::ENOENT);
@@ -983,12 +987,18 @@ impl UnionFs {
             Err(Errno::EACCES | Errno::EPERM) => return Ok(false),
             Err(err) => return Err(err),
         }
-        // mkdir(2) leaves out the umask's bits, and a setgid bit the parent
-        // does not pass on (rare: then the mode is set after).
-        let inherited = place.parent_stat.st_mode & libc::S_ISGID;
-        if (perm & 0o1777 & !sys::umask()) | inherited != perm {
+        // mkdir(2) leaves out the umask's bits (or a default ACL's) and a
+        // setgid bit the parent does not pass on: then the mode is set after.
+        let finish = || -> SysResult<()> {
             let dir = sys::openat(place.upper_parent.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            sys::fchmod_fd(dir.as_fd(), perm)?;
+            if sys::fstat(dir.as_fd())?.st_mode & 0o7777 != perm {
+                sys::fchmod_fd(dir.as_fd(), perm)?;
+            }
+            Ok(())
+        };
+        if let Err(err) = finish() {
+            let _ = sys::unlinkat(place.upper_parent.as_fd(), name, true);
+            return Err(err);
         }
         Ok(true)
     }
@@ -1554,16 +1564,10 @@ impl UnionFs {
                 return Ok(cached.file);
             }
         }
-        let opened = match self.location(ino) {
-            Ok(location) if matches!(&location, Location::Layer(source) if !self.stack.is_upper(source.layer)) => {
-                InodeFile {
-                    file: Arc::new(self.open_location(&location, libc::O_RDONLY)?),
-                    writable: false,
-                    on_lower: true,
-                }
-            }
-            Ok(location) => self.open_upper_file(write, |flags| self.open_location(&location, flags))?,
-            // No name left: the descriptor kept when it lost its last one.
+        let opened = match self.location(ino).and_then(|location| self.open_inode_file(&location, write)) {
+            Ok(opened) => opened,
+            // No name left (the upper path, or the index entry of a hard
+            // link, is gone): the descriptor kept when it lost its last one.
             Err(Errno::ENOENT) => {
                 let kept = lock(&self.unlinked).get(&ino).cloned().ok_or(Errno::ENOENT)?;
                 self.open_upper_file(write, |flags| sys::reopen(kept.as_fd(), flags).map(File::from))?
@@ -1573,6 +1577,14 @@ impl UnionFs {
         let file = opened.file.clone();
         lock(&self.inode_files).put(ino, opened);
         Ok(file)
+    }
+
+    fn open_inode_file(&self, location: &Location, write: bool) -> SysResult<InodeFile> {
+        if matches!(location, Location::Layer(source) if !self.stack.is_upper(source.layer)) {
+            let file = Arc::new(self.open_location(location, libc::O_RDONLY)?);
+            return Ok(InodeFile { file, writable: false, on_lower: true });
+        }
+        self.open_upper_file(write, |flags| self.open_location(location, flags))
     }
 
     /// Open an upper file for reading and writing, or read-only if it
@@ -1592,12 +1604,18 @@ impl UnionFs {
         if !self.by_inode.load(Ordering::Relaxed) {
             return; // every open file has a handle, which keeps it
         }
-        let upper_file = lock(&self.table).get(ino).is_ok_and(|n| n.kind == libc::S_IFREG && (n.in_upper || n.indexed));
-        if !upper_file || lock(&self.unlinked).contains_key(&ino) {
-            return;
+        let (upper_file, links) = match lock(&self.table).get(ino) {
+            Ok(n) => (n.kind == libc::S_IFREG && (n.in_upper || n.indexed), n.nlink),
+            Err(_) => return,
+        };
+        if !upper_file || links.is_some_and(|count| count > 1) || lock(&self.unlinked).contains_key(&ino) {
+            return; // another name of a hard link keeps it
         }
-        match self.location(ino).and_then(|location| self.open_location(&location, libc::O_PATH)) {
-            Ok(file) => {
+        let kept = self.location(ino).and_then(|location| self.open_location(&location, libc::O_PATH));
+        match kept.and_then(|file| Ok((sys::fstat(file.as_fd())?, file))) {
+            // Another name keeps it; the last one to go is kept then.
+            Ok((stat, _)) if links.is_none() && stat.st_nlink > 1 => {}
+            Ok((_, file)) => {
                 lock(&self.unlinked).insert(ino, Arc::new(OwnedFd::from(file)));
             }
             Err(err) => log::debug!("cannot keep inode {ino} for its open descriptors: {err}"),
@@ -1653,6 +1671,7 @@ impl UnionFs {
         if let Some(listing) = lock(&self.listings).get(ino) {
             return Ok(listing);
         }
+        let epoch = self.listing_epoch.load(Ordering::SeqCst);
         let parent = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
@@ -1667,7 +1686,8 @@ impl UnionFs {
         entries.push((1, DirItem { ino, kind: libc::DT_DIR, name: Arc::from(OsStr::new(".")) }));
         entries.push((2, DirItem { ino: parent, kind: libc::DT_DIR, name: Arc::from(OsStr::new("..")) }));
         entries.extend(listed.into_iter().map(|item| (name_offset(&item.name), item)));
-        entries[2..].sort_unstable_by_key(|(offset, _)| *offset);
+        // By name among equal hashes, so a collision always resolves alike.
+        entries[2..].sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
         // Two names with one offset (a 63-bit hash collision): the later
         // takes the next free offset, so offsets stay unique.
         for i in 3..entries.len() {
@@ -1676,14 +1696,19 @@ impl UnionFs {
             }
         }
         let listing = Arc::new(Listing { entries });
-        lock(&self.listings).put(ino, listing.clone());
+        let mut cache = lock(&self.listings);
+        if self.listing_epoch.load(Ordering::SeqCst) == epoch {
+            cache.put(ino, listing.clone());
+        }
         Ok(listing)
     }
 
     /// Entries of directory `dir` changed: its listing is made anew at
     /// the next read.
     fn listing_changed(&self, dir: u64) {
-        lock(&self.listings).remove(dir);
+        let mut cache = lock(&self.listings);
+        cache.remove(dir);
+        self.listing_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The entries of directory `ino`'s listing after offset `offset`.

@@ -375,3 +375,32 @@ fn a_lower_file_unlinked_while_open_for_writing_takes_its_writes() {
     assert!(is_whiteout(&l.upper.p("scratch")), "the name stays deleted");
     assert_eq!(read_string(&l.lower(0).p("scratch")), "lower content", "the lower layer is untouched");
 }
+
+/// A lower hard link copied up through one name lives in the index; when
+/// every name is removed while it is open, its descriptor keeps working.
+#[test]
+fn a_hard_link_open_while_all_its_names_go_keeps_its_data() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "linked data").hardlink("a", "b");
+    for i in 0..1100 {
+        l.lower(0).file(&format!("many/{i}"), "x");
+    }
+    let m = StrataMount::mount(&l);
+    let f = fs::OpenOptions::new().read(true).write(true).open(m.p("a")).unwrap();
+    f.write_all_at(b"LINKED", 0).unwrap();
+    assert_eq!(read_string(&m.p("b")), "LINKED data", "both names share the copy");
+    fs::remove_file(m.p("a")).unwrap();
+    fs::remove_file(m.p("b")).unwrap();
+    // Turn the daemon's cache of descriptors over.
+    for i in 0..1100 {
+        assert_eq!(read_string(&m.p(&format!("many/{i}"))), "x");
+    }
+    f.write_all_at(b"!", 10).expect("a write after the last name went");
+    drop_page_cache(&f);
+    let mut buf = [0u8; 11];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"LINKED dat!");
+    let meta = f.metadata().expect("fstat after the last name went");
+    assert_eq!((meta.len(), meta.nlink()), (11, 0));
+    assert_eq!(read_string(&l.lower(0).p("a")), "linked data", "the lower layer is untouched");
+}
