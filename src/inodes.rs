@@ -207,6 +207,12 @@ impl Node {
         self.kind == libc::S_IFDIR
     }
 
+    /// Its data is in the upper layer: its own copy, or (a copied-up lower
+    /// hard link) the index entry every upper name shares.
+    pub fn has_upper_data(&self) -> bool {
+        self.in_upper || self.indexed
+    }
+
     /// A directory that merges content of more than one layer.
     pub fn is_merged_dir(&self) -> bool {
         self.is_dir() && (self.lowers.len() + usize::from(self.in_upper)) > 1

@@ -252,12 +252,6 @@ pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
     Ok(())
 }
 
-/// fchmod of an open (not O_PATH) descriptor.
-pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })?;
-    Ok(())
-}
-
 /// A new regular file without a name in directory `dir` (O_TMPFILE), mode
 /// 0600 until changed; `link_unnamed` gives it one.
 pub fn open_unnamed(dir: BorrowedFd<'_>, flags: i32) -> SysResult<OwnedFd> {

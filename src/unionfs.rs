@@ -688,7 +688,7 @@ impl UnionFs {
         let Some(parent) = parent else { return self.copy_up_nameless(ino) };
         self.copy_up(parent, false)?;
 
-        let _guard = lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize]);
+        let _guard = self.copy_lock(ino);
         let (source, indexed, kind, name, lower_nlink) = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
@@ -757,6 +757,11 @@ impl UnionFs {
         Ok(())
     }
 
+    /// Copy-ups of one inode wait for each other; of different ones, rarely.
+    fn copy_lock(&self, ino: u64) -> MutexGuard<'_, ()> {
+        lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize])
+    }
+
     /// Copy up a lower file whose last name was removed while a process
     /// had it open for writing: served by inode, the daemon learns of the
     /// writer only at its first write. The copy is made in the work
@@ -767,12 +772,12 @@ impl UnionFs {
         if !self.by_inode.load(Ordering::Relaxed) {
             return Err(Errno::ENOENT); // an open for writing copied it up
         }
-        let _guard = lock(&self.copy_locks[(ino % self.copy_locks.len() as u64) as usize]);
+        let _guard = self.copy_lock(ino);
         let source = {
             let table = lock(&self.table);
             let node = table.get(ino)?;
-            if node.in_upper || node.indexed {
-                return Ok(()); // its data is in the upper layer (the index) already
+            if node.has_upper_data() {
+                return Ok(()); // copied up already (or in the index)
             }
             if node.kind != libc::S_IFREG || node.names.first().is_some() {
                 return Err(Errno::ENOENT);
@@ -941,7 +946,7 @@ impl UnionFs {
         };
         let (uid, gid, perm) = self.new_owner(place, caller, mode);
         sys::fchown_fd(file.as_fd(), Some(uid), Some(gid))?;
-        sys::fchmod(file.as_fd(), perm)?;
+        sys::fchmod_fd(file.as_fd(), perm)?;
         sys::link_unnamed(file.as_fd(), place.upper_parent.as_fd(), name)?;
         Ok(Some(file))
     }
@@ -1491,7 +1496,7 @@ impl UnionFs {
     fn file(&self, handle: u64) -> SysResult<Arc<File>> {
         let open = lock(&self.files).get(&handle).cloned().ok_or(Errno::EBADF)?;
         if open.on_lower.load(Ordering::Relaxed) {
-            let moved = lock(&self.table).get(open.ino).map(|n| n.in_upper || n.indexed).unwrap_or(false);
+            let moved = lock(&self.table).get(open.ino).is_ok_and(|n| n.has_upper_data());
             if moved {
                 let location = self.location(open.ino)?;
                 let upper = self.open_location(&location, libc::O_RDONLY)?;
@@ -1559,7 +1564,7 @@ impl UnionFs {
         }
         let cached = lock(&self.inode_files).get(&ino).cloned();
         if let Some(cached) = cached {
-            let stale = cached.on_lower && lock(&self.table).get(ino).is_ok_and(|n| n.in_upper || n.indexed);
+            let stale = cached.on_lower && lock(&self.table).get(ino).is_ok_and(|n| n.has_upper_data());
             if !stale && (cached.writable || !write) {
                 return Ok(cached.file);
             }
@@ -1605,7 +1610,7 @@ impl UnionFs {
             return; // every open file has a handle, which keeps it
         }
         let (upper_file, links) = match lock(&self.table).get(ino) {
-            Ok(n) => (n.kind == libc::S_IFREG && (n.in_upper || n.indexed), n.nlink),
+            Ok(n) => (n.kind == libc::S_IFREG && n.has_upper_data(), n.nlink),
             Err(_) => return,
         };
         if !upper_file || links.is_some_and(|count| count > 1) || lock(&self.unlinked).contains_key(&ino) {
@@ -1650,7 +1655,7 @@ impl UnionFs {
         if !self.options.fsync {
             return Ok(());
         }
-        if handle == 0 && lock(&self.table).get(ino).is_ok_and(|n| !n.in_upper && !n.indexed) {
+        if handle == 0 && lock(&self.table).get(ino).is_ok_and(|n| !n.has_upper_data()) {
             return Ok(()); // never written: nothing of it is in the upper
         }
         sys::fsync(self.data_file(ino, handle, false)?.as_fd(), data_only)
